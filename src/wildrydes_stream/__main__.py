@@ -1,0 +1,3 @@
+from wildrydes_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""AWS clients, following the SDK's own conventions.
+
+Credentials come from the default chain (environment, web identity on Kubernetes, profiles,
+instance metadata) and endpoints from `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_<SERVICE>`, both
+handled by botocore itself. The one gap is the region: botocore reads `AWS_DEFAULT_REGION` but
+not `AWS_REGION`, which Lambda and EKS set, so both are honoured here.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+
+from wildrydes_stream.errors import ConfigError
+
+# Data-path calls are retried by the service itself (with metrics and dead-lettering), so
+# botocore must not hide throttles behind its own retries there.
+DATA_PATH = AioConfig(
+    retries={"total_max_attempts": 1},
+    connect_timeout=5,
+    read_timeout=30,
+    max_pool_connections=64,
+)
+CONTROL_PATH = AioConfig(
+    retries={"mode": "standard", "total_max_attempts": 5},
+    connect_timeout=5,
+    read_timeout=30,
+)
+
+
+def region_name(session: AioSession | None = None) -> str:
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if not region and session is not None:
+        region = session.get_config_variable("region")
+    if not region:
+        raise ConfigError(
+            "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION (or a region in ~/.aws/config)"
+        )
+    return region
+
+
+class AwsClients:
+    """The clients one service instance uses, opened and closed together."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self.kinesis: Any = None
+        self.dynamodb: Any = None
+        """Data path: BatchWriteItem, no botocore retries."""
+        self.dynamodb_control: Any = None
+        """Lease table and DescribeTable, with botocore's standard retries."""
+        self.sqs: Any = None
+
+    async def __aenter__(self) -> AwsClients:
+        session = get_session()
+        region = region_name(session)
+        create = session.create_client
+        enter = self._stack.enter_async_context
+        self.kinesis = await enter(create("kinesis", region_name=region, config=DATA_PATH))
+        self.dynamodb = await enter(create("dynamodb", region_name=region, config=DATA_PATH))
+        self.dynamodb_control = await enter(
+            create("dynamodb", region_name=region, config=CONTROL_PATH)
+        )
+        self.sqs = await enter(create("sqs", region_name=region, config=CONTROL_PATH))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()

@@ -1,0 +1,1 @@
+"""Progress: which records are finished per shard, and the lease table that stores it."""

@@ -1,0 +1,135 @@
+"""Command line: `run` (the service), `local` (everything on this machine), `provision`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from wildrydes_stream import __version__
+from wildrydes_stream.config import Settings, describe, load_settings
+from wildrydes_stream.errors import WildrydesError
+from wildrydes_stream.observability.logs import configure_logging
+
+log = logging.getLogger("wildrydes_stream")
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wildrydes-stream",
+        description="Copies Wild Rydes unicorn aggregates from a Kinesis stream into DynamoDB.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (default: $WILDRYDES_CONFIG); WILDRYDES_* variables override it",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", help="run the service until SIGTERM or SIGINT")
+    local = commands.add_parser(
+        "local", help="run emulators, a simulated unicorn fleet and the service on this machine"
+    )
+    local.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long, check every record landed, exit 0 if so",
+    )
+    local.add_argument("--shards", type=int, default=4, help="shards of the local stream")
+    local.add_argument("--unicorns", type=int, default=6, help="simulated unicorns")
+    local.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="aggregated records a second per unicorn (simulated minutes)",
+    )
+    provision = commands.add_parser(
+        "provision", help="create the stream and the table if missing (development)"
+    )
+    provision.add_argument("--shards", type=int, default=4, help="shards of a new stream")
+    commands.add_parser("settings", help="print every setting, its variable and default")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "settings":
+        for name, env, default, doc in describe():
+            print(f"{name} ({env}) = {default!r}\n    {doc}")
+        return 0
+    try:
+        settings = load_settings(args.config)
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        if args.command == "run":
+            return _run_loop(_serve(settings))
+        if args.command == "provision":
+            return _run_loop(_provision(settings, args.shards))
+        if args.command == "local":
+            from wildrydes_stream.local.runner import LocalOptions, run_local
+
+            options = LocalOptions(args.duration, args.shards, args.unicorns, args.rate)
+            return _run_loop(run_local(settings, options))
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def install_signal_handlers(request_stop: Any) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once, non-zero."""
+    loop = asyncio.get_running_loop()
+    received = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            log.info("signal received, stopping gracefully", extra={"signal": name})
+            request_stop()
+            return
+        log.warning("second signal received, exiting at once", extra={"signal": name})
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def _serve(settings: Settings) -> int:
+    from wildrydes_stream.service import Service
+
+    service = Service(settings)
+    install_signal_handlers(service.request_stop)
+    async with service:
+        await service.wait()
+    return service.exit_code
+
+
+async def _provision(settings: Settings, shards: int) -> int:
+    from wildrydes_stream.aws import AwsClients
+    from wildrydes_stream.provision import provision
+
+    async with AwsClients() as clients:
+        await provision(clients.kinesis, clients.dynamodb_control, settings, shards)
+    print(f"stream {settings.stream_name} and table {settings.table_name} are ready")
+    return 0

@@ -1,0 +1,261 @@
+"""Settings: defaults, then a TOML file, then `WILDRYDES_<SETTING>` environment variables.
+
+Every setting is one field of `Settings`, with its help text and bounds beside it, so the
+README's configuration table and the validation come from the same place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from wildrydes_stream.errors import ConfigError
+
+ENV_PREFIX = "WILDRYDES_"
+CONFIG_FILE_ENV = "WILDRYDES_CONFIG"
+
+StartingPosition = Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"]
+StatusTimeFormat = Literal["epoch_ms", "string"]
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "aliases": aliases}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _default_worker_id() -> str:
+    # On Kubernetes the hostname is the pod name: unique per replica and readable in the table.
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    stream_name: str = _setting("wildrydes-aggregated", "Kinesis stream to read.")
+    table_name: str = _setting(
+        "UnicornSensorData",
+        "DynamoDB table the items are written to (`TABLE_NAME` is honoured too).",
+        aliases=("TABLE_NAME",),
+    )
+    lease_table_name: str = _setting(
+        "wildrydes-stream-leases",
+        "DynamoDB table holding shard leases and checkpoints (KCL layout); created if missing.",
+    )
+    worker_id: str = _setting(
+        "", "Lease owner name of this process; empty means `<hostname>-<pid>`."
+    )
+    status_time_format: StatusTimeFormat = _setting(
+        "epoch_ms",
+        "How `StatusTime` is stored: `epoch_ms` (number, UTC milliseconds) or `string` (as read).",
+    )
+    starting_position: StartingPosition = _setting(
+        "TRIM_HORIZON",
+        "Where a shard without a checkpoint starts: TRIM_HORIZON, LATEST or AT_TIMESTAMP.",
+    )
+    starting_timestamp: str = _setting(
+        "", "ISO 8601 time to start from with AT_TIMESTAMP (UTC when no zone is given)."
+    )
+    get_records_limit: int = _setting(
+        10000, "Most records one GetRecords call returns.", minimum=1, maximum=10000
+    )
+    min_poll_interval_seconds: float = _setting(
+        0.2,
+        "Least time between two GetRecords calls on one shard (Kinesis allows 5 a second).",
+        minimum=0.0,
+        maximum=60.0,
+    )
+    idle_poll_interval_seconds: float = _setting(
+        1.0,
+        "Wait between polls of a shard that is caught up.",
+        minimum=0.0,
+        maximum=300.0,
+    )
+    shard_sync_interval_seconds: float = _setting(
+        10.0, "How often ListShards looks for new shards.", minimum=0.1, maximum=3600.0
+    )
+    queue_size: int = _setting(
+        10000,
+        "Records buffered between pollers and writers, in all; pollers wait when it is full.",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    writers: int = _setting(
+        8,
+        "Concurrent DynamoDB writers (each owns a share of the item keys).",
+        minimum=1,
+        maximum=256,
+    )
+    batch_size: int = _setting(25, "Items per BatchWriteItem call.", minimum=1, maximum=25)
+    batch_window_seconds: float = _setting(
+        0.05,
+        "Longest a writer waits to fill a batch before sending what it has.",
+        minimum=0.0,
+        maximum=10.0,
+    )
+    write_max_attempts: int = _setting(
+        12,
+        "Attempts to write an item (throttling, unprocessed, 5xx) before it is dead-lettered.",
+        minimum=1,
+        maximum=1000,
+    )
+    backoff_base_seconds: float = _setting(
+        0.05,
+        "First retry delay; doubles each attempt, with full jitter.",
+        minimum=0.0,
+        maximum=60.0,
+    )
+    backoff_max_seconds: float = _setting(
+        5.0, "Cap on one retry delay.", minimum=0.0, maximum=300.0
+    )
+    checkpoint_interval_seconds: float = _setting(
+        5.0, "How often finished progress is checkpointed.", minimum=0.05, maximum=3600.0
+    )
+    shutdown_grace_seconds: float = _setting(
+        30.0,
+        "On SIGTERM, how long to drain in-flight records before giving up.",
+        minimum=0.0,
+        maximum=3600.0,
+    )
+    http_host: str = _setting("0.0.0.0", "Address of the /metrics, /healthz and /readyz server.")
+    http_port: int = _setting(
+        8080,
+        "Port of the /metrics, /healthz and /readyz server (0 picks a free one).",
+        minimum=0,
+        maximum=65535,
+    )
+    deadletter_file: str = _setting(
+        "deadletter.jsonl",
+        "JSON-lines file for dead letters; empty disables it (then set deadletter_queue_url).",
+    )
+    deadletter_queue_url: str = _setting("", "SQS queue URL for dead letters; empty disables it.")
+    log_format: LogFormat = _setting("json", "Log lines: `json` (one object a line) or `text`.")
+    log_level: LogLevel = _setting("INFO", "Least level logged: DEBUG, INFO, WARNING, ERROR.")
+
+    @property
+    def owner(self) -> str:
+        return self.worker_id or _default_worker_id()
+
+    def starting_datetime(self) -> datetime | None:
+        if not self.starting_timestamp:
+            return None
+        return _parse_timestamp(self.starting_timestamp, "starting_timestamp")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed, validated like a loaded one."""
+        return _validate(dataclasses.replace(self, **changes))
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(setting, environment variable, default, help) for every setting, for docs and --help."""
+    rows = []
+    for field in dataclasses.fields(Settings):
+        env = ENV_PREFIX + field.name.upper()
+        names = " / ".join([env, *field.metadata["aliases"]])
+        rows.append((field.name, names, field.default, field.metadata["doc"]))
+    return rows
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, overridden by the TOML file, overridden by the environment; then validated."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_FILE_ENV) or None
+    raw: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        for key, value in _read_file(Path(path)).items():
+            raw[key] = (value, f"{path}: {key}")
+    fields = {field.name: field for field in dataclasses.fields(Settings)}
+    for name, field in fields.items():
+        for env in (*reversed(field.metadata["aliases"]), ENV_PREFIX + name.upper()):
+            if env in environ:
+                raw[name] = (environ[env], f"environment variable {env}")
+    values = {name: _coerce(fields[name], value, where) for name, (value, where) in raw.items()}
+    return _validate(Settings(**values))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {field.name for field in dataclasses.fields(Settings)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+    return data
+
+
+def _coerce(field: dataclasses.Field[Any], value: Any, where: str) -> Any:
+    kind = typing.get_type_hints(Settings)[field.name]
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        text = str(value)
+        if field.name in ("starting_position", "log_level"):
+            text = text.upper()
+        if text not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return text
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    try:
+        if kind is int and not isinstance(value, bool | float):
+            number: float = int(value)
+        elif kind is float and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise ValueError
+    except ValueError:
+        expected = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
+    low, high = field.metadata["minimum"], field.metadata["maximum"]
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ConfigError(f"{where}: {value!r} is outside {low}..{high}")
+    return number
+
+
+def _validate(settings: Settings) -> Settings:
+    for name in ("stream_name", "table_name", "lease_table_name"):
+        if not getattr(settings, name):
+            raise ConfigError(f"setting {name} must not be empty")
+    if settings.starting_position == "AT_TIMESTAMP" and not settings.starting_timestamp:
+        raise ConfigError(
+            "setting starting_timestamp is required when starting_position is AT_TIMESTAMP"
+        )
+    settings.starting_datetime()
+    if not settings.deadletter_file and not settings.deadletter_queue_url:
+        raise ConfigError(
+            "settings deadletter_file and deadletter_queue_url are both empty: "
+            "dead letters need somewhere to go"
+        )
+    if settings.backoff_max_seconds < settings.backoff_base_seconds:
+        raise ConfigError("setting backoff_max_seconds is below backoff_base_seconds")
+    return settings
+
+
+def _parse_timestamp(text: str, name: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"setting {name}: {text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,1 @@
+"""Running everything on one machine: emulators, a simulated unicorn fleet, the `local` command."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics, the health/metrics HTTP server and log formatting."""

@@ -1,0 +1,166 @@
+"""Prometheus metrics of one service instance, on a registry of its own.
+
+Names follow Prometheus conventions (base units, `_total` counters, help on every metric);
+labels are bounded: shard ids, API names and fixed reasons, never record keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+NAMESPACE = "wildrydes"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.behind_latest = Gauge(
+            "shard_behind_latest_seconds",
+            "How far the last GetRecords response of a shard was behind the tip of the stream "
+            "(Kinesis MillisBehindLatest).",
+            ["shard"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.records_read = Counter(
+            "records_read_total",
+            "Records read from Kinesis.",
+            ["shard"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.records_written = Counter(
+            "records_written_total",
+            "Records durably written to the DynamoDB table.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.records_dead_lettered = Counter(
+            "records_dead_lettered_total",
+            "Records sent to the dead-letter destination.",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.batch_write_seconds = Histogram(
+            "batch_write_duration_seconds",
+            "Duration of BatchWriteItem calls.",
+            ["outcome"],
+            namespace=NAMESPACE,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.unprocessed_retried = Counter(
+            "unprocessed_items_retried_total",
+            "Items DynamoDB returned in UnprocessedItems and that were sent again.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.throttles = Counter(
+            "throttles_total",
+            "Calls AWS answered with a throttling error.",
+            ["api"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.errors = Counter(
+            "aws_errors_total",
+            "Calls that failed with an error other than throttling.",
+            ["api"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "queue_records",
+            "Records waiting between the pollers and the writers.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "queue_capacity_records",
+            "Configured bound of the queue between pollers and writers.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.shards_owned = Gauge(
+            "shards_owned",
+            "Shards this process holds the lease of and is reading.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "end_to_end_latency_seconds",
+            "Time from a record's arrival in Kinesis to its write being acknowledged.",
+            namespace=NAMESPACE,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.checkpoints = Counter(
+            "checkpoints_total",
+            "Checkpoints written to the lease table.",
+            ["shard"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
+    def snapshot(self) -> Snapshot:
+        """Totals across labels, for summaries and tests."""
+        return Snapshot(
+            read=_total(self.records_read),
+            written=_total(self.records_written),
+            dead_lettered=_total(self.records_dead_lettered),
+            queued=_value(self.queue_depth),
+            max_behind_seconds=max(
+                (s.value for f in self.behind_latest.collect() for s in f.samples), default=0.0
+            ),
+        )
+
+    def watch_checkpoint_age(self, ages: Callable[[], Iterable[tuple[str, float]]]) -> None:
+        """Expose seconds since each owned shard's last checkpoint, computed at scrape time."""
+        self.registry.register(_CheckpointAge(ages))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    read: float
+    written: float
+    dead_lettered: float
+    queued: float
+    max_behind_seconds: float
+
+    @property
+    def finished(self) -> float:
+        return self.written + self.dead_lettered
+
+
+def _total(metric: Counter) -> float:
+    return sum(s.value for f in metric.collect() for s in f.samples if s.name.endswith("_total"))
+
+
+def _value(metric: Gauge) -> float:
+    return sum(s.value for f in metric.collect() for s in f.samples)
+
+
+class _CheckpointAge(Collector):
+    def __init__(self, ages: Callable[[], Iterable[tuple[str, float]]]) -> None:
+        self._ages = ages
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            f"{NAMESPACE}_checkpoint_age_seconds",
+            "Seconds since the shard's progress was last checkpointed (or since it was taken).",
+            labels=["shard"],
+        )
+        now = time.monotonic()
+        for shard, since in self._ages():
+            family.add_metric([shard], now - since)
+        yield family

@@ -1,0 +1,117 @@
+"""Kinesis record -> DynamoDB item: decode, validate, convert `StatusTime`.
+
+Items are built directly in DynamoDB's wire format (`{"N": "1317"}`) so numbers keep the exact
+text they had in the record: no float ever touches them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final
+
+from wildrydes_stream.config import StatusTimeFormat
+from wildrydes_stream.errors import RecordError
+
+AttributeValue = dict[str, Any]
+Item = dict[str, AttributeValue]
+ItemKey = tuple[str, str]
+
+# The per-minute aggregate's measurements: when present they must be numbers.
+METRIC_FIELDS: Final = (
+    "Distance",
+    "MinMagicPoints",
+    "MaxMagicPoints",
+    "MinHealthPoints",
+    "MaxHealthPoints",
+)
+
+_STATUS_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z?")
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One record on its way through the pipeline, with what is needed to checkpoint it."""
+
+    shard_id: str
+    sequence: int
+    key: ItemKey
+    item: Item
+    arrival: float  # ApproximateArrivalTimestamp, epoch seconds
+    data: bytes  # the raw record, kept for the dead-letter destination
+
+
+def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
+    """The table item for one record's data, or RecordError saying what is wrong with it."""
+    try:
+        body = json.loads(data, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RecordError(f"expected a JSON object, got {type(body).__name__}")
+    name = body.get("Name")
+    if not isinstance(name, str) or not name:
+        raise RecordError("Name is missing or not a non-empty string")
+    status_time = body.get("StatusTime")
+    if not isinstance(status_time, str):
+        raise RecordError("StatusTime is missing or not a string")
+    epoch_ms = status_time_to_epoch_ms(status_time)
+    item: Item = {"Name": {"S": name}}
+    if status_time_format == "epoch_ms":
+        sort_key = str(epoch_ms)
+        item["StatusTime"] = {"N": sort_key}
+    else:
+        sort_key = status_time
+        item["StatusTime"] = {"S": status_time}
+    for field, value in body.items():
+        if field in ("Name", "StatusTime"):
+            continue
+        item[field] = _attribute(field, value)
+    return (name, sort_key), item
+
+
+def status_time_to_epoch_ms(text: str) -> int:
+    """`2016-02-12 00:01:00.000` (UTC, no zone) -> epoch milliseconds."""
+    match = _STATUS_TIME.fullmatch(text)
+    if match is None:
+        raise RecordError(f"StatusTime {text!r} is not YYYY-MM-DD HH:MM:SS.mmm")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction = match.group(7) or "0"
+    try:
+        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+        _check_ranges(month, day, hour, minute, second)
+    except ValueError:
+        raise RecordError(f"StatusTime {text!r} is not a valid time") from None
+    return seconds * 1000 + int(fraction.ljust(3, "0")[:3])
+
+
+def _check_ranges(month: int, day: int, hour: int, minute: int, second: int) -> None:
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        raise ValueError
+
+
+def _attribute(field: str, value: Any) -> AttributeValue:
+    if isinstance(value, bool):
+        if field in METRIC_FIELDS:
+            raise RecordError(f"{field} is not a number")
+        return {"BOOL": value}
+    if isinstance(value, int | Decimal):
+        if isinstance(value, Decimal) and not value.is_finite():
+            raise RecordError(f"{field} is not a finite number")
+        return {"N": str(value)}
+    if field in METRIC_FIELDS:
+        raise RecordError(f"{field} is not a number")
+    if isinstance(value, str):
+        return {"S": value}
+    if value is None:
+        return {"NULL": True}
+    raise RecordError(f"{field} holds a nested value the table does not take")
+
+
+def item_key_of(item: Item) -> ItemKey:
+    """The (Name, StatusTime) key of an item in wire format."""
+    status = item["StatusTime"]
+    return item["Name"]["S"], status.get("N") or status["S"]

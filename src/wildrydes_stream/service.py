@@ -1,0 +1,273 @@
+"""The service: wires the stages, owns start/stop.
+
+    pollers (one per owned shard) -> bounded writer queues -> BatchWriteItem writers
+            \\-> shard progress <- acks ---------------------------/
+    checkpointer: shard progress -> lease table, every interval and at stop
+
+`start` and `stop` are idempotent and the class is an async context manager. `stop` stops
+polling, drains what is in flight within the grace period, checkpoints and releases leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from botocore.exceptions import ClientError
+from prometheus_client import CollectorRegistry
+
+from wildrydes_stream.aws import AwsClients
+from wildrydes_stream.checkpoint.leases import LeaseTable
+from wildrydes_stream.config import Settings
+from wildrydes_stream.errors import MissingResourceError, WildrydesError
+from wildrydes_stream.observability.http import HealthServer
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records import Envelope
+from wildrydes_stream.sink.deadletter import (
+    DeadLetters,
+    Destination,
+    FileDestination,
+    SqsDestination,
+)
+from wildrydes_stream.sink.dynamodb import WriterPool
+from wildrydes_stream.supervisor import ShardSupervisor
+from wildrydes_stream.waiting import wait_or_timeout
+
+log = logging.getLogger(__name__)
+
+# Bound on the final checkpoint and lease release after draining, so a dead endpoint cannot
+# hold a stopping pod past its grace period by much.
+FINAL_CHECKPOINT_TIMEOUT = 10.0
+
+
+class Service:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self._clients = AwsClients()
+        self._stopping = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopped = False
+        self.drained_in_time = True
+        self.http: HealthServer | None = None
+        self.supervisor: ShardSupervisor | None = None
+        self.pool: WriterPool | None = None
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        s = self.settings
+        clients = await self._clients.__aenter__()
+        try:
+            await self._check_resources(clients)
+            leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
+            await leases.ensure_table()
+            deadletters = DeadLetters(self._destinations(clients), self.metrics)
+            self.pool = WriterPool(
+                clients.dynamodb, s, deadletters, self.metrics, self._finished, self._fail
+            )
+            self.supervisor = ShardSupervisor(
+                clients.kinesis,
+                leases,
+                s,
+                self.pool.put,
+                deadletters,
+                self.metrics,
+                self._stopping,
+                self._fail,
+            )
+            self.http = HealthServer(
+                self.metrics.registry,
+                live=self._live,
+                ready=self._ready,
+                host=s.http_host,
+                port=s.http_port,
+            )
+            await self.http.start()
+            self.pool.start()
+            await self.supervisor.sync()
+            self._tasks = [
+                asyncio.create_task(self._supervise(), name="shard-discovery"),
+                asyncio.create_task(self._checkpoint_loop(), name="checkpointer"),
+            ]
+        except BaseException:
+            await self._close()
+            raise
+        log.info(
+            "service started",
+            extra={
+                "stream": s.stream_name,
+                "table": s.table_name,
+                "owner": s.owner,
+                "http_port": self.http.port,
+            },
+        )
+
+    def _destinations(self, clients: AwsClients) -> list[Destination]:
+        destinations: list[Destination] = []
+        if self.settings.deadletter_file:
+            destinations.append(FileDestination(self.settings.deadletter_file))
+        if self.settings.deadletter_queue_url:
+            destinations.append(SqsDestination(clients.sqs, self.settings.deadletter_queue_url))
+        return destinations
+
+    async def _check_resources(self, clients: AwsClients) -> None:
+        s = self.settings
+        try:
+            await clients.kinesis.describe_stream_summary(StreamName=s.stream_name)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+                raise MissingResourceError(
+                    f"Kinesis stream {s.stream_name!r} does not exist: create it or set "
+                    "stream_name (WILDRYDES_STREAM_NAME)"
+                ) from None
+            raise
+        try:
+            table = await clients.dynamodb_control.describe_table(TableName=s.table_name)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+                raise MissingResourceError(
+                    f"DynamoDB table {s.table_name!r} does not exist: create it or set "
+                    "table_name (WILDRYDES_TABLE_NAME)"
+                ) from None
+            raise
+        _check_sort_key(table["Table"], s)
+
+    def _finished(self, envelope: Envelope) -> None:
+        supervisor = self.supervisor
+        owned = supervisor.owned.get(envelope.shard_id) if supervisor else None
+        if owned is not None:
+            owned.progress.finish(envelope.sequence)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A stage died of an unexpected error: stop, and exit non-zero."""
+        if self._failure is None:
+            log.error("stage failed, stopping", exc_info=exc)
+            self._failure = exc
+        self._stop_requested.set()
+
+    def _live(self) -> bool:
+        return self._failure is None
+
+    def _ready(self) -> bool:
+        supervisor = self.supervisor
+        return (
+            supervisor is not None
+            and supervisor.synced.is_set()
+            and not self._stopping.is_set()
+            and self._failure is None
+        )
+
+    async def _supervise(self) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.run()
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _checkpoint_loop(self) -> None:
+        assert self.supervisor is not None
+        interval = self.settings.checkpoint_interval_seconds
+        while not await wait_or_timeout(self._stopping, interval):
+            try:
+                await self.supervisor.checkpoint_all()
+            except Exception:
+                log.exception("checkpoint failed; retrying at the next interval")
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def wait(self) -> None:
+        """Until a stop is requested (a signal) or a stage fails."""
+        await self._stop_requested.wait()
+
+    async def run_burst(self) -> None:
+        """Read every shard until caught up, write everything read, then stop."""
+        assert self.supervisor is not None
+        assert self.pool is not None
+        while self._failure is None:
+            await self.supervisor.wait_caught_up()
+            await self.pool.drain()
+            await self.supervisor.settle()
+            if not await self.supervisor.sync():
+                break
+        await self.stop()
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self._failure is None and self.drained_in_time else 1
+
+    async def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        log.info(
+            "stopping: draining in-flight records",
+            extra={"grace_seconds": self.settings.shutdown_grace_seconds},
+        )
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        supervisor, pool = self.supervisor, self.pool
+        if supervisor is not None and pool is not None:
+            try:
+                async with asyncio.timeout(self.settings.shutdown_grace_seconds):
+                    await supervisor.wait_shard_tasks()
+                    await pool.drain()
+            except TimeoutError:
+                self.drained_in_time = False
+                log.warning(
+                    "grace period over before everything in flight was written; "
+                    "unwritten records will be read again"
+                )
+                await supervisor.cancel_shard_tasks()
+            await pool.stop()
+            try:
+                async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT):
+                    await supervisor.checkpoint_all()
+                    await supervisor.release_all()
+            except Exception:
+                log.exception(
+                    "final checkpoint failed; records since the last one will be read again"
+                )
+        await self._close()
+        log.info("stopped", extra={"drained": self.drained_in_time})
+
+    async def _close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        await self._clients.__aexit__(None, None, None)
+
+
+def _check_sort_key(table: dict[str, Any], settings: Settings) -> None:
+    """Refuse to start when the table's StatusTime type disagrees with status_time_format."""
+    types = {a["AttributeName"]: a["AttributeType"] for a in table["AttributeDefinitions"]}
+    keys = {k["AttributeName"]: k["KeyType"] for k in table["KeySchema"]}
+    expected = "N" if settings.status_time_format == "epoch_ms" else "S"
+    if keys.get("Name") != "HASH" or keys.get("StatusTime") != "RANGE":
+        raise WildrydesError(
+            f"DynamoDB table {settings.table_name!r} must have partition key Name and sort key "
+            "StatusTime"
+        )
+    if types.get("StatusTime") != expected:
+        raise WildrydesError(
+            f"DynamoDB table {settings.table_name!r} stores StatusTime as {types.get('StatusTime')}"
+            f" but status_time_format={settings.status_time_format} writes {expected}: change "
+            "the setting (WILDRYDES_STATUS_TIME_FORMAT)"
+        )

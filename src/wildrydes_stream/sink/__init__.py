@@ -1,0 +1,1 @@
+"""Writing out: batched DynamoDB writers and the dead-letter destinations."""

@@ -1,0 +1,1 @@
+"""Reading Kinesis: shard discovery and lineage, and one GetRecords loop per shard."""

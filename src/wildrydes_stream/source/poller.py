@@ -1,0 +1,181 @@
+"""One shard's GetRecords loop.
+
+At most one call per `min_poll_interval_seconds` (Kinesis allows five a second per shard); polls
+again at once while behind, otherwise waits the idle interval. An expired iterator is renewed
+after the last record read; throttling and transient errors back off with jitter. Each record is
+registered with the shard's progress in order, decoded, and handed to the writers (waiting when
+their queues are full); records that cannot be decoded go to the dead-letter destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from wildrydes_stream.checkpoint.tracker import ShardProgress
+from wildrydes_stream.config import Settings
+from wildrydes_stream.errors import RecordError
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records import Envelope, decode_item
+from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
+from wildrydes_stream.sink.deadletter import DeadLetter, DeadLetters
+from wildrydes_stream.waiting import wait_or_timeout
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[Envelope], Awaitable[None]]
+
+
+class ShardPoller:
+    def __init__(
+        self,
+        shard_id: str,
+        client: Any,
+        settings: Settings,
+        progress: ShardProgress,
+        dispatch: Dispatch,
+        deadletters: DeadLetters,
+        metrics: Metrics,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.shard_id = shard_id
+        self._client = client
+        self._settings = settings
+        self._progress = progress
+        self._dispatch = dispatch
+        self._deadletters = deadletters
+        self._metrics = metrics
+        self._stopping = stopping
+        self._last_read: str | None = None
+        self.caught_up = asyncio.Event()
+        """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
+
+    async def run(self, checkpoint: str) -> None:
+        """Read from just after `checkpoint` until stopped or the shard's end."""
+        iterator: str | None = await self._iterator(checkpoint)
+        last_call = 0.0
+        attempt = 0
+        while iterator is not None and not self._stopping.is_set():
+            pause = self._settings.min_poll_interval_seconds - (time.monotonic() - last_call)
+            if await wait_or_timeout(self._stopping, pause):
+                break
+            last_call = time.monotonic()
+            try:
+                response = await self._client.get_records(
+                    ShardIterator=iterator, Limit=self._settings.get_records_limit
+                )
+            except ClientError as exc:
+                if error_code(exc) == "ExpiredIteratorException":
+                    log.info("iterator expired, renewing", extra={"shard": self.shard_id})
+                    iterator = await self._iterator(self._last_read or checkpoint)
+                    continue
+                attempt = await self._back_off("GetRecords", exc, attempt)
+                continue
+            except Exception as exc:
+                attempt = await self._back_off("GetRecords", exc, attempt)
+                continue
+            attempt = 0
+            records = response.get("Records", [])
+            if records:
+                await self._handle(records)
+            behind = int(response.get("MillisBehindLatest", 0))
+            self._metrics.behind_latest.labels(self.shard_id).set(behind / 1000)
+            iterator = response.get("NextShardIterator")
+            if iterator is None:
+                break
+            if behind > 0 or len(records) >= self._settings.get_records_limit:
+                continue
+            if not records:
+                self.caught_up.set()
+            if await wait_or_timeout(self._stopping, self._settings.idle_poll_interval_seconds):
+                break
+        if iterator is None:
+            log.info("shard read to its end", extra={"shard": self.shard_id})
+            self._progress.end()
+            self.caught_up.set()
+
+    async def _handle(self, records: list[dict[str, Any]]) -> None:
+        settings, progress, shard_id = self._settings, self._progress, self.shard_id
+        bad: list[DeadLetter] = []
+        for record in records:
+            sequence = int(record["SequenceNumber"])
+            data: bytes = record["Data"]
+            arrival = _epoch(record.get("ApproximateArrivalTimestamp"))
+            progress.register(sequence)
+            try:
+                key, item = decode_item(data, settings.status_time_format)
+            except RecordError as exc:
+                bad.append(
+                    DeadLetter(
+                        data,
+                        str(exc),
+                        "invalid_record",
+                        settings.stream_name,
+                        shard_id,
+                        sequence,
+                        arrival,
+                    )
+                )
+                continue
+            await self._dispatch(Envelope(shard_id, sequence, key, item, arrival, data))
+        self._last_read = records[-1]["SequenceNumber"]
+        self._metrics.records_read.labels(shard_id).inc(len(records))
+        if bad:
+            await self._deadletters.send(bad)
+            for letter in bad:
+                progress.finish(letter.sequence)
+
+    async def _iterator(self, position: str) -> str | None:
+        """A shard iterator just after `position` (a sequence number) or at a sentinel."""
+        kwargs: dict[str, Any] = {
+            "StreamName": self._settings.stream_name,
+            "ShardId": self.shard_id,
+        }
+        if position.isdigit():
+            kwargs |= {
+                "ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
+                "StartingSequenceNumber": position,
+            }
+        elif position == "AT_TIMESTAMP":
+            kwargs |= {
+                "ShardIteratorType": "AT_TIMESTAMP",
+                "Timestamp": self._settings.starting_datetime(),
+            }
+        else:
+            kwargs["ShardIteratorType"] = position
+        attempt = 0
+        while True:
+            try:
+                response = await self._client.get_shard_iterator(**kwargs)
+                return response.get("ShardIterator")  # type: ignore[no-any-return]
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                attempt = await self._back_off("GetShardIterator", exc, attempt)
+
+    async def _back_off(self, api: str, exc: BaseException, attempt: int) -> int:
+        if is_throttle(exc):
+            self._metrics.throttles.labels(api).inc()
+        else:
+            self._metrics.errors.labels(api).inc()
+            if not is_transient(exc):
+                log.error("%s failed", api, extra={"shard": self.shard_id, "error": str(exc)})
+        s = self._settings
+        await wait_or_timeout(
+            self._stopping, backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds)
+        )
+        return attempt + 1
+
+
+def _epoch(value: datetime | float | None) -> float:
+    if value is None:
+        return time.time()
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)

@@ -1,0 +1,204 @@
+"""Which shards this process reads: discovery, leases, one poller task per owned shard.
+
+A shard is taken only once its parents are done (read to the end, SHARD_END checkpointed).
+When a shard ends, its SHARD_END is checkpointed as soon as its last record is finished, and
+discovery runs again at once so its children start without waiting for the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.checkpoint.tracker import ShardProgress
+from wildrydes_stream.config import Settings
+from wildrydes_stream.errors import LeaseLostError
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.sink.deadletter import DeadLetters
+from wildrydes_stream.source.poller import Dispatch, ShardPoller
+from wildrydes_stream.source.shards import list_shards, readable_shards
+from wildrydes_stream.waiting import wait_or_timeout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class OwnedShard:
+    lease: Lease
+    progress: ShardProgress
+    poller: ShardPoller
+    task: asyncio.Task[None] | None = None
+    checkpointed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def shard_id(self) -> str:
+        return self.lease.shard_id
+
+
+class ShardSupervisor:
+    def __init__(
+        self,
+        kinesis: Any,
+        leases: LeaseTable,
+        settings: Settings,
+        dispatch: Dispatch,
+        deadletters: DeadLetters,
+        metrics: Metrics,
+        stopping: asyncio.Event,
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self._kinesis = kinesis
+        self._on_failure = on_failure
+        self._leases = leases
+        self._settings = settings
+        self._dispatch = dispatch
+        self._deadletters = deadletters
+        self._metrics = metrics
+        self._stopping = stopping
+        self._wake = asyncio.Event()
+        self.owned: dict[str, OwnedShard] = {}
+        self.synced = asyncio.Event()
+        """Set after the first discovery: every readable shard has a poller."""
+        self.history: list[tuple[str, str]] = []
+        """(event, shard id) in the order they happened: "start" and "end" (for diagnostics)."""
+        metrics.watch_checkpoint_age(
+            lambda: [(s.shard_id, s.checkpointed_at) for s in list(self.owned.values())]
+        )
+
+    async def run(self) -> None:
+        """Discover shards now and every interval (or at once when a shard ends) until stopped."""
+        while not self._stopping.is_set():
+            try:
+                await self.sync()
+            except Exception:
+                if not self.synced.is_set():
+                    raise
+                log.exception("shard discovery failed; retrying at the next interval")
+            self._wake.clear()
+            await wait_or_timeout(self._wake, self._settings.shard_sync_interval_seconds)
+
+    async def sync(self) -> list[str]:
+        """Take and start every readable shard not yet owned; returns the ids started."""
+        shards = await list_shards(self._kinesis, self._settings.stream_name)
+        leases = await self._leases.all()
+        started = []
+        for shard in readable_shards(shards, leases):
+            if shard.shard_id in self.owned or self._stopping.is_set():
+                continue
+            # A child starts at TRIM_HORIZON so nothing written to it before we got here is lost.
+            initial = "TRIM_HORIZON" if shard.parents else self._settings.starting_position
+            lease = await self._leases.acquire(shard.shard_id, shard.parents, initial)
+            if lease.at_shard_end:
+                continue
+            self._start(lease)
+            started.append(shard.shard_id)
+        self._metrics.shards_owned.set(len(self.owned))
+        self.synced.set()
+        return started
+
+    def _start(self, lease: Lease) -> None:
+        progress = ShardProgress(lease.shard_id)
+        poller = ShardPoller(
+            lease.shard_id,
+            self._kinesis,
+            self._settings,
+            progress,
+            self._dispatch,
+            self._deadletters,
+            self._metrics,
+            self._stopping,
+        )
+        owned = OwnedShard(lease, progress, poller)
+        owned.task = asyncio.create_task(self._process(owned), name=f"shard-{lease.shard_id}")
+        self.owned[lease.shard_id] = owned
+        self.history.append(("start", lease.shard_id))
+        log.info("reading shard", extra={"shard": lease.shard_id, "from": lease.checkpoint})
+
+    async def _process(self, owned: OwnedShard) -> None:
+        try:
+            await owned.poller.run(owned.lease.checkpoint)
+            if not owned.progress.ended:
+                return  # stopping: the final checkpoint happens in checkpoint_all
+            await owned.progress.drained.wait()
+            await self._checkpoint(owned, SHARD_END)
+            self.history.append(("end", owned.shard_id))
+            del self.owned[owned.shard_id]
+            self._metrics.shards_owned.set(len(self.owned))
+            self._wake.set()
+        except LeaseLostError:
+            self._drop(owned)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("shard task failed", extra={"shard": owned.shard_id})
+            self._on_failure(exc)
+
+    def _drop(self, owned: OwnedShard) -> None:
+        log.warning("lease lost, no longer reading shard", extra={"shard": owned.shard_id})
+        self.owned.pop(owned.shard_id, None)
+        self._metrics.shards_owned.set(len(self.owned))
+        if owned.task is not None and owned.task is not asyncio.current_task():
+            owned.task.cancel()
+
+    async def _checkpoint(self, owned: OwnedShard, value: str) -> None:
+        await self._leases.checkpoint(owned.lease, value)
+        owned.checkpointed_at = time.monotonic()
+        self._metrics.checkpoints.labels(owned.shard_id).inc()
+
+    async def checkpoint_all(self) -> None:
+        """Store each owned shard's finished prefix where it moved since the last checkpoint."""
+        for owned in list(self.owned.values()):
+            done = owned.progress.checkpoint
+            if done is None or owned.lease.checkpoint == str(done):
+                continue
+            if owned.lease.at_shard_end:
+                continue
+            try:
+                await self._checkpoint(owned, str(done))
+            except LeaseLostError:
+                self._drop(owned)
+
+    async def wait_shard_tasks(self) -> None:
+        tasks = [o.task for o in list(self.owned.values()) if o.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def cancel_shard_tasks(self) -> None:
+        tasks = [o.task for o in list(self.owned.values()) if o.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def release_all(self) -> None:
+        for owned in list(self.owned.values()):
+            try:
+                await self._leases.release(owned.lease)
+            except Exception:
+                log.exception("could not release lease", extra={"shard": owned.shard_id})
+        self.owned.clear()
+        self._metrics.shards_owned.set(0)
+
+    def failed_task(self) -> BaseException | None:
+        for owned in list(self.owned.values()):
+            task = owned.task
+            if task is not None and task.done() and not task.cancelled():
+                exc = task.exception()
+                if exc is not None:
+                    return exc
+        return None
+
+    async def wait_caught_up(self) -> None:
+        """Every owned shard had an empty poll or ended (burst runs)."""
+        await asyncio.gather(*(o.poller.caught_up.wait() for o in list(self.owned.values())))
+
+    async def settle(self) -> None:
+        """Wait for shards read to their end to checkpoint SHARD_END (burst runs)."""
+        ended = [o.task for o in list(self.owned.values()) if o.progress.ended and o.task]
+        await asyncio.gather(*ended, return_exceptions=True)

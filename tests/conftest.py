@@ -1,0 +1,104 @@
+"""Fixtures: kinesalite and dynalite started once per run on free loopback ports.
+
+Every test gets its own stream, table and lease table (unique names), so tests never see each
+other's data while sharing the two emulator processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import SHADOWFAX, client
+from wildrydes_stream.config import Settings
+from wildrydes_stream.local.emulators import Emulator
+from wildrydes_stream.provision import ensure_stream, ensure_table
+
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class Emulators:
+    kinesis: Emulator
+    dynamodb: Emulator
+
+    def environ(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL_KINESIS": self.kinesis.endpoint,
+            "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb.endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@pytest.fixture(scope="session")
+def emulators() -> Iterator[Emulators]:
+    with Emulator.start("kinesalite") as kinesis, Emulator.start("dynalite") as dynamodb:
+        yield Emulators(kinesis, dynamodb)
+
+
+@pytest.fixture
+def aws_env(emulators: Emulators, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point botocore at the emulators through the SDK's standard variables."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for key, value in emulators.environ().items():
+        monkeypatch.setenv(key, value)
+    return emulators.environ()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, aws_env: dict[str, str]) -> Settings:
+    n = next(_names)
+    pid = os.getpid()
+    return Settings(
+        stream_name=f"stream-{pid}-{n}",
+        table_name=f"table-{pid}-{n}",
+        lease_table_name=f"leases-{pid}-{n}",
+        worker_id="test-worker",
+        http_host="127.0.0.1",
+        http_port=0,
+        idle_poll_interval_seconds=0.05,
+        min_poll_interval_seconds=0.0,
+        shard_sync_interval_seconds=0.2,
+        checkpoint_interval_seconds=0.1,
+        batch_window_seconds=0.01,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=0.2,
+        shutdown_grace_seconds=10.0,
+        deadletter_file=str(tmp_path / "deadletter.jsonl"),
+        log_format="text",
+    )
+
+
+@pytest.fixture
+async def kinesis(aws_env: dict[str, str]) -> AsyncIterator[Any]:
+    async with client("kinesis") as c:
+        yield c
+
+
+@pytest.fixture
+async def dynamodb(aws_env: dict[str, str]) -> AsyncIterator[Any]:
+    async with client("dynamodb") as c:
+        yield c
+
+
+@pytest.fixture
+async def resources(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings:
+    """A 4-shard stream and the item table, created for this test."""
+    await ensure_stream(kinesis, settings.stream_name, 4)
+    await ensure_table(dynamodb, settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def shadowfax_available() -> None:
+    if not SHADOWFAX.exists():
+        pytest.skip(f"workshop data not found at {SHADOWFAX} (set WILDRYDES_SHARED_DATA)")

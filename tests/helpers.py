@@ -1,0 +1,78 @@
+"""Shared test helpers: AWS clients on the emulators, putting records, reading the table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.session import get_session
+
+SHARED_DATA = Path(
+    os.environ.get("WILDRYDES_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")
+)
+SHADOWFAX = SHARED_DATA / "shadowfax-2016-02-12.json"
+
+
+def read_shadowfax() -> list[dict[str, Any]]:
+    with SHADOWFAX.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@asynccontextmanager
+async def client(service: str) -> AsyncIterator[Any]:
+    """A client for the endpoint the environment points at (the emulators, in tests)."""
+    async with get_session().create_client(service, region_name="us-east-1") as c:
+        yield c
+
+
+async def put_records(
+    kinesis: Any, stream: str, records: Iterable[bytes | dict[str, Any]], *, key: str = "Name"
+) -> list[dict[str, Any]]:
+    """PutRecords in batches of 500, partition key from the record; returns the results."""
+    entries = []
+    for record in records:
+        if isinstance(record, dict):
+            data = json.dumps(record, separators=(",", ":")).encode()
+            partition = str(record.get(key, "none"))
+        else:
+            data, partition = record, "raw"
+        entries.append({"Data": data, "PartitionKey": partition})
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(entries), 500):
+        response = await kinesis.put_records(
+            StreamName=stream, Records=entries[start : start + 500]
+        )
+        assert response.get("FailedRecordCount", 0) == 0, response
+        results.extend(response["Records"])
+    return results
+
+
+async def scan_table(dynamodb: Any, table: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    paginator = dynamodb.get_paginator("scan")
+    async for page in paginator.paginate(TableName=table, ConsistentRead=True):
+        items.extend(page.get("Items", []))
+    return items
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05
+) -> None:
+    """Poll an async condition until it holds; fail with a timeout error if it never does."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def unicorn_records(names: Iterable[str], minutes: int) -> list[dict[str, Any]]:
+    """Aggregates for several unicorns: the real Shadowfax day, renamed per unicorn."""
+    day = read_shadowfax()[:minutes]
+    return [{**record, "Name": name} for name in names for record in day]
