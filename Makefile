@@ -31,8 +31,20 @@ lint: $(PY_STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: setup lint
+test: setup promtool lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# promtool (from Debian's prometheus package) into $(BIN), for tests/test_deploy.py.
+.PHONY: promtool image
+promtool: $(PY_STAMP)
+	sh scripts/install-promtool.sh $(BIN)
+
+# The container image, with buildah (Debian package); not part of `make test`.
+IMAGE ?= wildrydes-stream:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@command -v buildah >/dev/null || { echo "make image needs buildah: apt-get install buildah (or: docker build -t $(IMAGE) .)" >&2; exit 1; }
+	buildah build --layers -t $(IMAGE) --build-arg VERSION=$(lastword $(subst :, ,$(IMAGE))) \
+		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

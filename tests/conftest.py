@@ -40,7 +40,9 @@ class Emulators:
 
 @pytest.fixture(scope="session")
 def emulators() -> Iterator[Emulators]:
-    with Emulator.start("kinesalite") as kinesis, Emulator.start("dynalite") as dynamodb:
+    # Every test makes its own stream and none is deleted: lift kinesalite's account shard cap.
+    kinesalite = Emulator.start("kinesalite", shard_limit=100_000)
+    with kinesalite as kinesis, Emulator.start("dynalite") as dynamodb:
         yield Emulators(kinesis, dynamodb)
 
 

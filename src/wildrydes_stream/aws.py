@@ -15,6 +15,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 
+from wildrydes_stream.awsjson import DynamoDBData, KinesisData
 from wildrydes_stream.errors import ConfigError
 
 # Data-path calls are retried by the service itself (with metrics and dead-lettering), so
@@ -46,11 +47,18 @@ def region_name(session: AioSession | None = None) -> str:
 class AwsClients:
     """The clients one service instance uses, opened and closed together."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool = True) -> None:
         self._stack = AsyncExitStack()
+        self._fast = fast
         self.kinesis: Any = None
         self.dynamodb: Any = None
         """Data path: BatchWriteItem, no botocore retries."""
+        self.kinesis_data: Any = None
+        """GetRecords on the lean awsjson client (other calls go to `kinesis`); with
+        `fast=False`, `kinesis` itself."""
+        self.dynamodb_data: Any = None
+        """BatchWriteItem on the lean awsjson client (other calls go to `dynamodb`); with
+        `fast=False`, `dynamodb` itself."""
         self.dynamodb_control: Any = None
         """Lease table and DescribeTable, with botocore's standard retries."""
         self.sqs: Any = None
@@ -66,6 +74,11 @@ class AwsClients:
             create("dynamodb", region_name=region, config=CONTROL_PATH)
         )
         self.sqs = await enter(create("sqs", region_name=region, config=CONTROL_PATH))
+        self.kinesis_data, self.dynamodb_data = self.kinesis, self.dynamodb
+        if self._fast:
+            credentials = await session.get_credentials()
+            self.kinesis_data = await enter(KinesisData(self.kinesis, credentials))
+            self.dynamodb_data = await enter(DynamoDBData(self.dynamodb, credentials))
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from wildrydes_stream import __version__
 from wildrydes_stream.config import Settings, describe, load_settings
@@ -55,15 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
         "provision", help="create the stream and the table if missing (development)"
     )
     provision.add_argument("--shards", type=int, default=4, help="shards of a new stream")
-    commands.add_parser("settings", help="print every setting, its variable and default")
+    listing = commands.add_parser("settings", help="print every setting, its variable and default")
+    listing.add_argument(
+        "--format",
+        choices=("text", "markdown", "toml"),
+        default="text",
+        help="markdown: the README's table; toml: an example settings file",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "settings":
-        for name, env, default, doc in describe():
-            print(f"{name} ({env}) = {default!r}\n    {doc}")
+        print(render_settings(args.format))
         return 0
     try:
         settings = load_settings(args.config)
@@ -84,7 +92,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WildrydesError as exc:
         print(f"wildrydes-stream: {exc}", file=sys.stderr)
         return 1
+    except (BotoCoreError, ClientError) as exc:
+        # Unreachable endpoint, no credentials, access denied: say which, not a traceback.
+        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
+        return 1
     raise AssertionError(args.command)
+
+
+def render_settings(fmt: str) -> str:
+    """Every setting as text, the README's markdown table, or an example TOML file."""
+    rows = describe()
+    if fmt == "markdown":
+        lines = ["| Setting | Variable | Default | Meaning |", "|---|---|---|---|"]
+        for name, env, default, doc in rows:
+            variables = ", ".join(f"`{v}`" for v in env.split(" / "))
+            lines.append(f"| `{name}` | {variables} | `{json.dumps(default)}` | {doc} |")
+        return "\n".join(lines)
+    if fmt == "toml":
+        lines = [
+            "# wildrydes-stream settings, each shown with its default. Every key is optional and",
+            "# can be overridden by the environment variable WILDRYDES_<KEY IN CAPITALS>.",
+            "# Use with: wildrydes-stream --config config/wildrydes-stream.toml run",
+        ]
+        for name, _, default, doc in rows:
+            value = json.dumps(default) if isinstance(default, str) else repr(default)
+            lines += ["", f"# {doc}", f"{name} = {value}"]
+        return "\n".join(lines)
+    return "\n".join(f"{name} ({env}) = {default!r}\n    {doc}" for name, env, default, doc in rows)
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:

@@ -122,6 +122,13 @@ class Settings:
     backoff_max_seconds: float = _setting(
         5.0, "Cap on one retry delay.", minimum=0.0, maximum=300.0
     )
+    lease_duration_seconds: float = _setting(
+        10.0,
+        "A lease whose counter has not moved for this long is expired and may be taken over "
+        "by another worker; owners renew every third of it.",
+        minimum=0.1,
+        maximum=3600.0,
+    )
     checkpoint_interval_seconds: float = _setting(
         5.0, "How often finished progress is checkpointed.", minimum=0.05, maximum=3600.0
     )

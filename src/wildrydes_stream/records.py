@@ -82,14 +82,20 @@ def status_time_to_epoch_ms(text: str) -> int:
     fraction = match.group(7) or "0"
     try:
         seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-        _check_ranges(month, day, hour, minute, second)
+        _check_ranges(year, month, day, hour, minute, second)
     except ValueError:
         raise RecordError(f"StatusTime {text!r} is not a valid time") from None
     return seconds * 1000 + int(fraction.ljust(3, "0")[:3])
 
 
-def _check_ranges(month: int, day: int, hour: int, minute: int, second: int) -> None:
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+def _check_ranges(year: int, month: int, day: int, hour: int, minute: int, second: int) -> None:
+    if not 1 <= month <= 12:
+        raise ValueError
+    # calendar.timegm does not check the day: 2016-02-30 would silently become 2016-03-01.
+    last_day = calendar.monthrange(year, month)[1]
+    # Second 60 (a leap second) is refused: in epoch_ms it would land on the next minute's key
+    # and overwrite that record.
+    if not (1 <= day <= last_day and hour < 24 and minute < 60 and second < 60):
         raise ValueError
 
 

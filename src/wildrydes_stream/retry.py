@@ -50,7 +50,10 @@ NETWORK_ERRORS: Final = (
 )
 
 
-def error_code(exc: ClientError) -> str:
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ClientError; "" for any other exception."""
+    if not isinstance(exc, ClientError):
+        return ""
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 

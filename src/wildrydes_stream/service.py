@@ -77,10 +77,10 @@ class Service:
             await leases.ensure_table()
             deadletters = DeadLetters(self._destinations(clients), self.metrics)
             self.pool = WriterPool(
-                clients.dynamodb, s, deadletters, self.metrics, self._finished, self._fail
+                clients.dynamodb_data, s, deadletters, self.metrics, self._finished, self._fail
             )
             self.supervisor = ShardSupervisor(
-                clients.kinesis,
+                clients.kinesis_data,
                 leases,
                 s,
                 self.pool.put,
@@ -102,6 +102,7 @@ class Service:
             self._tasks = [
                 asyncio.create_task(self._supervise(), name="shard-discovery"),
                 asyncio.create_task(self._checkpoint_loop(), name="checkpointer"),
+                asyncio.create_task(self._renew_loop(), name="lease-renewer"),
             ]
         except BaseException:
             await self._close()
@@ -187,6 +188,15 @@ class Service:
             except Exception:
                 log.exception("checkpoint failed; retrying at the next interval")
 
+    async def _renew_loop(self) -> None:
+        assert self.supervisor is not None
+        interval = self.settings.lease_duration_seconds / 3
+        while not await wait_or_timeout(self._stopping, interval):
+            try:
+                await self.supervisor.renew_all()
+            except Exception:
+                log.exception("lease renewal failed; retrying at the next interval")
+
     def request_stop(self) -> None:
         self._stop_requested.set()
 
@@ -195,16 +205,29 @@ class Service:
         await self._stop_requested.wait()
 
     async def run_burst(self) -> None:
-        """Read every shard until caught up, write everything read, then stop."""
+        """Read every shard until caught up, write everything read, then stop (for tests and
+        one-off catch-up runs). A stop request ends it early; a stage failing raises."""
+        burst = asyncio.create_task(self._burst(), name="burst")
+        stop = asyncio.create_task(self._stop_requested.wait(), name="burst-stop")
+        try:
+            await asyncio.wait({burst, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (burst, stop):
+                task.cancel()
+            await asyncio.gather(burst, stop, return_exceptions=True)
+            await self.stop()
+        if self._failure is not None:
+            raise WildrydesError(f"a stage failed: {self._failure!r}") from self._failure
+
+    async def _burst(self) -> None:
         assert self.supervisor is not None
         assert self.pool is not None
-        while self._failure is None:
+        while True:
             await self.supervisor.wait_caught_up()
             await self.pool.drain()
             await self.supervisor.settle()
             if not await self.supervisor.sync():
-                break
-        await self.stop()
+                return
 
     @property
     def exit_code(self) -> int:

@@ -65,6 +65,8 @@ class ShardSupervisor:
         self.owned: dict[str, OwnedShard] = {}
         self.synced = asyncio.Event()
         """Set after the first discovery: every readable shard has a poller."""
+        self._seen: dict[str, tuple[int, float]] = {}
+        """Other workers' leases: shard -> (counter, when we first saw that counter)."""
         self.history: list[tuple[str, str]] = []
         """(event, shard id) in the order they happened: "start" and "end" (for diagnostics)."""
         metrics.watch_checkpoint_age(
@@ -87,20 +89,55 @@ class ShardSupervisor:
         """Take and start every readable shard not yet owned; returns the ids started."""
         shards = await list_shards(self._kinesis, self._settings.stream_name)
         leases = await self._leases.all()
+        for known in leases.values():
+            self._note(known)
         started = []
         for shard in readable_shards(shards, leases):
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
             # A child starts at TRIM_HORIZON so nothing written to it before we got here is lost.
             initial = "TRIM_HORIZON" if shard.parents else self._settings.starting_position
-            lease = await self._leases.acquire(shard.shard_id, shard.parents, initial)
-            if lease.at_shard_end:
+            lease = await self._leases.acquire(
+                shard.shard_id, shard.parents, initial, self._takeable
+            )
+            if lease is None or lease.at_shard_end:
                 continue
             self._start(lease)
             started.append(shard.shard_id)
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
+
+    def _note(self, lease: Lease) -> None:
+        seen = self._seen.get(lease.shard_id)
+        if seen is None or seen[0] != lease.counter:
+            self._seen[lease.shard_id] = (lease.counter, time.monotonic())
+
+    def _takeable(self, lease: Lease) -> bool:
+        """Unowned, ours (a restart under the same worker id), or expired.
+
+        Expiry is judged as KCL does, by our own clock: the owner renews by moving the counter,
+        so a counter that has not moved for lease_duration_seconds means the owner is gone.
+        """
+        if lease.owner is None or lease.owner == self._leases.owner:
+            return True
+        self._note(lease)
+        _, since = self._seen[lease.shard_id]
+        expired = time.monotonic() - since >= self._settings.lease_duration_seconds
+        if expired:
+            log.info(
+                "taking expired lease",
+                extra={"shard": lease.shard_id, "previous_owner": lease.owner},
+            )
+        return expired
+
+    async def renew_all(self) -> None:
+        """Show the owned leases are alive; drop the shards whose lease was taken."""
+        for owned in list(self.owned.values()):
+            try:
+                await self._leases.renew(owned.lease)
+            except LeaseLostError:
+                self._drop(owned)
 
     def _start(self, lease: Lease) -> None:
         progress = ShardProgress(lease.shard_id)

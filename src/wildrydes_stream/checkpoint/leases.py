@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from botocore.exceptions import ClientError
@@ -32,7 +34,6 @@ class Lease:
     counter: int
     parents: tuple[str, ...] = ()
     owner_switches: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def at_shard_end(self) -> bool:
@@ -48,6 +49,9 @@ class LeaseTable:
         self._client = client
         self.table_name = table_name
         self.owner = owner
+        # One write at a time per lease: checkpoint, renewal and release all move the counter
+        # they are conditional on, so two in flight would make the second look like a loss.
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
@@ -91,13 +95,24 @@ class LeaseTable:
                 leases[lease.shard_id] = lease
         return leases
 
-    async def acquire(self, shard_id: str, parents: tuple[str, ...], initial: str) -> Lease:
-        """Create the shard's lease owned by us, or take the existing one over."""
+    async def acquire(
+        self,
+        shard_id: str,
+        parents: tuple[str, ...],
+        initial: str,
+        takeable: Callable[[Lease], bool],
+    ) -> Lease | None:
+        """Create the shard's lease owned by us, or take the existing one over if `takeable`.
+
+        None when another worker holds it and `takeable` says it may not be taken.
+        """
         for _ in range(10):
             existing = await self.get(shard_id)
             try:
                 if existing is None:
                     return await self._create(shard_id, parents, initial)
+                if not takeable(existing):
+                    return None
                 return await self._take(existing)
             except ClientError as exc:
                 if not _is_conditional_failure(exc):
@@ -142,50 +157,82 @@ class LeaseTable:
         lease.owner, lease.counter, lease.owner_switches = self.owner, lease.counter + 1, switches
         return lease
 
+    async def renew(self, lease: Lease) -> None:
+        """Move the counter so other workers see the lease is alive; LeaseLostError if lost."""
+
+        async def write() -> None:
+            await self._owned_update(lease, "SET leaseCounter = :next", {})
+            lease.counter += 1
+
+        await self._serialized(lease, write)
+
     async def checkpoint(self, lease: Lease, checkpoint: str) -> None:
         """Store progress; LeaseLostError when this worker no longer holds the lease."""
+
+        async def write() -> None:
+            if lease.at_shard_end:
+                return  # a prefix checkpoint queued behind SHARD_END must not move it back
+            await self._owned_update(
+                lease,
+                "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
+                "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next",
+                {":cp": {"S": checkpoint}, ":zero": {"N": "0"}},
+                names={"#cp": "checkpoint"},
+            )
+            lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
+
+        await self._serialized(lease, write)
+
+    async def _serialized(self, lease: Lease, write: Callable[[], Awaitable[None]]) -> None:
+        """Run `write` after any earlier write to the lease, to its end even if the caller is
+        cancelled (a stop cancels the checkpointer): abandoned half way, it may have moved the
+        counter in the table but not in `lease`, and our next write would fail as lost."""
+
+        async def locked() -> None:
+            async with self._locks[lease.shard_id]:
+                await write()
+
+        await asyncio.shield(locked())
+
+    async def _owned_update(
+        self,
+        lease: Lease,
+        expression: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> None:
+        """An update conditional on our ownership at the counter last seen."""
+        extra: dict[str, Any] = {"ExpressionAttributeNames": names} if names else {}
         try:
             await self._client.update_item(
                 TableName=self.table_name,
                 Key={"leaseKey": {"S": lease.shard_id}},
-                UpdateExpression="SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
-                "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next",
+                UpdateExpression=expression,
                 ConditionExpression="leaseOwner = :me AND leaseCounter = :seen",
-                ExpressionAttributeNames={"#cp": "checkpoint"},
                 ExpressionAttributeValues={
-                    ":cp": {"S": checkpoint},
-                    ":zero": {"N": "0"},
+                    **values,
                     ":me": {"S": self.owner},
                     ":next": {"N": str(lease.counter + 1)},
                     ":seen": {"N": str(lease.counter)},
                 },
+                **extra,
             )
         except ClientError as exc:
             if _is_conditional_failure(exc):
                 raise LeaseLostError(lease.shard_id) from None
             raise
-        lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up so another worker can take it at once."""
+
+        async def write() -> None:
+            await self._owned_update(lease, "REMOVE leaseOwner SET leaseCounter = :next", {})
+            lease.owner, lease.counter = None, lease.counter + 1
+
         try:
-            await self._client.update_item(
-                TableName=self.table_name,
-                Key={"leaseKey": {"S": lease.shard_id}},
-                UpdateExpression="REMOVE leaseOwner SET leaseCounter = :next",
-                ConditionExpression="leaseOwner = :me AND leaseCounter = :seen",
-                ExpressionAttributeValues={
-                    ":me": {"S": self.owner},
-                    ":next": {"N": str(lease.counter + 1)},
-                    ":seen": {"N": str(lease.counter)},
-                },
-            )
-        except ClientError as exc:
-            if not _is_conditional_failure(exc):
-                raise
+            await self._serialized(lease, write)
+        except LeaseLostError:
             log.warning("lease already taken on release", extra={"shard": lease.shard_id})
-            return
-        lease.owner, lease.counter = None, lease.counter + 1
 
 
 def _from_item(item: dict[str, Any]) -> Lease:

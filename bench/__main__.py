@@ -1,0 +1,372 @@
+"""`make bench`: the service's throughput and CPU per record, beside the original Lambda's logic.
+
+Two targets, measured in one run:
+
+- canned: a canned-response endpoint in a process of its own (bench/canned.py), so only the
+  client's CPU is measured: the ceiling of the service itself.
+- emulators: kinesalite + dynalite, a 4-shard stream preloaded with PutRecords, end to end.
+
+Contenders: the service on the lean awsjson data path (`fast`), the service on aiobotocore for
+everything (`botocore`), the same with botocore's parameter validation off
+(`botocore-novalidate`), and `baseline`: the Lambda ported straight to aiobotocore.
+
+Every run is its own process; CPU is that process's user + system time (time.process_time), so
+neither the endpoint's nor the emulators' CPU is counted. On the canned endpoint each contender
+also runs once against an empty stream, and that start-up CPU (clients, service models, leases)
+is subtracted: `records_per_cpu_second` is the steady-state rate. Wall-clock rates depend on
+what else runs on the machine; CPU seconds are the honest figure on a shared one.
+
+Ends with one JSON line holding every figure. The defaults (50,000 records canned, 10,000 on
+the emulators) take about two minutes on 2 cores; `--records 100000 --emulator-records 20000`
+gives steadier figures, `--client fast,null` a quick look, `--profile DIR` a cProfile per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.session import get_session
+
+from bench.data import SHARDS, aggregates, encode
+from wildrydes_stream.config import Settings
+from wildrydes_stream.local.emulators import Emulator
+from wildrydes_stream.provision import ensure_stream, ensure_table
+
+CONTENDERS = ("baseline", "botocore", "botocore-novalidate", "fast", "null")
+DEFAULT_CONTENDERS = ("baseline", "botocore", "botocore-novalidate", "fast")
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass
+class Result:
+    target: str
+    contender: str
+    records: int
+    written: int
+    cpu: float
+    """CPU seconds of the run, start-up included."""
+    wall: float
+    startup_cpu: float | None = None
+    """CPU seconds of the same run against an empty stream (canned target only)."""
+    batches: int | None = None
+    """BatchWriteItem calls (canned target only)."""
+
+    @property
+    def items_per_batch(self) -> float | None:
+        return self.written / self.batches if self.batches else None
+
+    @property
+    def steady_cpu(self) -> float:
+        return max(1e-9, self.cpu - (self.startup_cpu or 0.0))
+
+    @property
+    def records_per_cpu_second(self) -> float:
+        return self.records / self.steady_cpu
+
+    @property
+    def cpu_per_100k(self) -> float:
+        return self.steady_cpu * 100_000 / self.records
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.wall
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--records", type=int, default=50_000, help="records on the canned endpoint (0: skip)"
+    )
+    parser.add_argument(
+        "--emulator-records",
+        type=int,
+        default=10_000,
+        help="records preloaded into kinesalite (0: skip the emulators)",
+    )
+    parser.add_argument(
+        "--client",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma-separated contenders to run, of: {', '.join(CONTENDERS)} (null: the "
+        "service with GetRecords/BatchWriteItem answered in-process, its floor; canned only)",
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=1000, help="records per canned GetRecords page"
+    )
+    parser.add_argument("--limit", type=int, default=10000, help="GetRecords Limit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="override a service setting (e.g. queue_size=200000); repeatable",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a cProfile of each canned run to DIR/<contender>.prof (slows the runs)",
+    )
+    args = parser.parse_args(argv)
+    contenders = [c.strip() for c in args.client.split(",") if c.strip()]
+    for contender in contenders:
+        if contender not in CONTENDERS:
+            parser.error(f"unknown contender {contender!r}: one of {', '.join(CONTENDERS)}")
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    common = {"limit": args.limit, "settings": overrides}
+    results: list[Result] = []
+    if args.records > 0:
+        results += run_canned(contenders, args.records, args.page_size, common, args.profile)
+    if args.emulator_records > 0:
+        results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
+    print()
+    print_table(results)
+    print(json.dumps(summary(results)))
+    return 0 if all(r.written == r.records for r in results) else 1
+
+
+# The canned endpoint
+
+
+@contextmanager
+def canned_server(records: int, page_size: int) -> Iterator[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.canned",
+            "--records",
+            str(records),
+            "--page-size",
+            str(page_size),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"canned endpoint did not start (exit code {process.wait()})")
+        yield f"http://127.0.0.1:{line}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def run_canned(
+    contenders: list[str],
+    records: int,
+    page_size: int,
+    common: dict[str, Any],
+    profile: str | None,
+) -> list[Result]:
+    results = []
+    with canned_server(records, page_size) as endpoint:
+        env = endpoints(endpoint, endpoint)
+        for n, contender in enumerate(contenders):
+            names = {"table": f"items-{n}", "lease_table": f"leases-{n}"}
+            common = {**common, "records": records, "page_size": page_size}
+            startup = worker(contender, {**names, **common, "stream": "bench-empty"}, env)
+            names = {"table": f"items-{n}", "lease_table": f"leases-full-{n}"}
+            spec = {**names, **common, "stream": "bench"}
+            if profile:
+                os.makedirs(profile, exist_ok=True)
+                spec["profile"] = os.path.join(profile, f"{contender}.prof")
+            run = worker(contender, spec, env)
+            stats = canned_stats(endpoint)
+            written = stats["written"].get(names["table"], 0)
+            result = Result(
+                "canned",
+                contender,
+                records,
+                int(run["written"] if contender == "null" else written),
+                run["cpu"],
+                run["wall"],
+                startup["cpu"],
+                int(stats["batches"].get(names["table"], 0)) or None,
+            )
+            report(result, run)
+            results.append(result)
+    return results
+
+
+def canned_stats(endpoint: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint}/_stats", timeout=10) as response:
+        stats: dict[str, Any] = json.load(response)
+        return stats
+
+
+# The emulators
+
+
+async def run_emulators(
+    contenders: list[str], records: int, common: dict[str, Any]
+) -> list[Result]:
+    results = []
+    with Emulator.start("kinesalite") as kinesalite, Emulator.start("dynalite") as dynalite:
+        env = endpoints(kinesalite.endpoint, dynalite.endpoint)
+        os.environ.update(env)
+        session = get_session()
+        async with (
+            session.create_client("kinesis") as kinesis,
+            session.create_client("dynamodb") as dynamodb,
+        ):
+            await ensure_stream(kinesis, "bench", SHARDS)
+            started = time.perf_counter()
+            await preload(kinesis, "bench", records)
+            print(f"preloaded {records} records in {time.perf_counter() - started:.1f}s")
+            for n, contender in enumerate(c for c in contenders if c != "null"):
+                settings = Settings(table_name=f"items-{n}", deadletter_file="unused")
+                await ensure_table(dynamodb, settings)
+                spec = {**common, "stream": "bench", "table": f"items-{n}"}
+                run = await asyncio.to_thread(
+                    worker, contender, {**spec, "lease_table": f"leases-{n}"}, env
+                )
+                written = await count_items(dynamodb, f"items-{n}")
+                result = Result("emulators", contender, records, written, run["cpu"], run["wall"])
+                report(result, run)
+                results.append(result)
+    return results
+
+
+async def preload(kinesis: Any, stream: str, records: int) -> None:
+    """PutRecords in batches of 500, four at a time; partition key Name."""
+    entries = [{"Data": encode(r), "PartitionKey": r["Name"]} for r in aggregates(records)]
+    batches = [entries[i : i + 500] for i in range(0, len(entries), 500)]
+    semaphore = asyncio.Semaphore(4)
+
+    async def put(batch: list[dict[str, Any]]) -> None:
+        async with semaphore:
+            while batch:
+                response = await kinesis.put_records(StreamName=stream, Records=batch)
+                batch = [
+                    e for e, r in zip(batch, response["Records"], strict=True) if "ErrorCode" in r
+                ]
+
+    await asyncio.gather(*(put(b) for b in batches))
+
+
+async def count_items(dynamodb: Any, table: str) -> int:
+    count = 0
+    paginator = dynamodb.get_paginator("scan")
+    async for page in paginator.paginate(TableName=table, Select="COUNT"):
+        count += page["Count"]
+    return count
+
+
+# Running one contender
+
+
+def endpoints(kinesis: str, dynamodb: str) -> dict[str, str]:
+    return {
+        **CREDENTIALS,
+        "AWS_ENDPOINT_URL_KINESIS": kinesis,
+        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb,
+    }
+
+
+def worker(contender: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    if contender == "baseline":
+        spec = {**spec, "mode": "baseline"}
+    else:
+        spec = {**spec, "mode": "service", "client": contender}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.worker", json.dumps(spec)],
+        env={**environ, **env},
+        stdout=subprocess.PIPE,
+        check=True,
+        timeout=600,
+    )
+    result: dict[str, Any] = json.loads(completed.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def report(result: Result, run: dict[str, Any]) -> None:
+    problems = []
+    if result.written != result.records:
+        problems.append(f"WRITTEN {result.written} OF {result.records}")
+    if run.get("dead_lettered"):
+        problems.append(f"{run['dead_lettered']:.0f} dead-lettered")
+    if run.get("exit_code"):
+        problems.append(f"exit code {run['exit_code']}")
+    print(
+        f"{result.target:9} {result.contender:19} {result.records:>7} records "
+        f"{result.wall:6.2f}s wall {result.cpu:6.2f}s CPU"
+        + (f" (start-up {result.startup_cpu:.2f}s)" if result.startup_cpu is not None else "")
+        + ("  " + "; ".join(problems) if problems else ""),
+        flush=True,
+    )
+
+
+# Output
+
+
+def print_table(results: list[Result]) -> None:
+    baseline = {r.target: r for r in results if r.contender == "baseline"}
+    header = (
+        f"{'target':9} {'contender':19} {'records':>8} {'records/s':>10} "
+        f"{'CPU s/100k':>10} {'records/CPU-s':>13} {'vs baseline':>11} {'items/batch':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        base = baseline.get(r.target)
+        ratio = r.records_per_cpu_second / base.records_per_cpu_second if base else None
+        print(
+            f"{r.target:9} {r.contender:19} {r.records:>8} {r.records_per_second:>10,.0f} "
+            f"{r.cpu_per_100k:>10.2f} {r.records_per_cpu_second:>13,.0f} "
+            + (f"{ratio:>10.2f}x" if ratio is not None else f"{'':>11}")
+            + (f" {r.items_per_batch:>11.1f}" if r.items_per_batch is not None else "")
+        )
+    print(
+        "canned: steady state (start-up CPU subtracted); emulators: start-up included, "
+        "wall time bound by the emulators."
+    )
+
+
+def summary(results: list[Result]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    by = {(r.target, r.contender): r for r in results}
+    fast, base = by.get(("canned", "fast")), by.get(("canned", "baseline"))
+    if fast is not None:
+        out["records_per_cpu_second"] = round(fast.records_per_cpu_second)
+    if base is not None:
+        out["baseline_records_per_cpu_second"] = round(base.records_per_cpu_second)
+    if fast is not None and base is not None:
+        out["speedup_vs_baseline"] = round(
+            fast.records_per_cpu_second / base.records_per_cpu_second, 2
+        )
+    for r in results:
+        key = f"{r.target}_{r.contender}".replace("-", "_")
+        out[key] = {
+            "records": r.records,
+            "written": r.written,
+            "records_per_second": round(r.records_per_second),
+            "records_per_cpu_second": round(r.records_per_cpu_second),
+            "cpu_seconds_per_100k": round(r.cpu_per_100k, 3),
+            "cpu_seconds": round(r.cpu, 3),
+            "startup_cpu_seconds": None if r.startup_cpu is None else round(r.startup_cpu, 3),
+            "wall_seconds": round(r.wall, 3),
+            "items_per_batch": None if r.batches is None else round(r.items_per_batch or 0, 1),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""A canned-response Kinesis + DynamoDB endpoint, so a benchmark measures only the client.
+
+Run as its own process (`python -m bench.canned`; it prints its port) so its CPU is not
+counted against the service. One port answers both services (AWS JSON 1.0/1.1, dispatched on
+X-Amz-Target), without checking signatures:
+
+- Kinesis: DescribeStreamSummary, ListShards, GetShardIterator and GetRecords. Every stream has
+  the same 4 shards holding the same pre-built records (Shadowfax-shaped aggregates, base64 JSON,
+  56-digit sequence numbers), served in pages of `--page-size` records (or the call's Limit, if
+  smaller) with MillisBehindLatest > 0 while more remain; after the last record a shard answers
+  an empty page with MillisBehindLatest 0 and an iterator to the same spot, like a caught-up
+  open shard. A stream whose name ends in `-empty` has no records (to measure start-up alone).
+- DynamoDB: DescribeTable (`Name` HASH S + `StatusTime` RANGE N for item tables; tables whose
+  name starts with `leases` are lease tables, created by CreateTable), GetItem, PutItem,
+  UpdateItem, Scan for the lease tables (in memory, conditions not checked: one worker), and
+  BatchWriteItem answering `{"UnprocessedItems":{}}` and counting the items per table.
+- `GET /_stats` returns {"written": {table: items}, "batches": {table: BatchWriteItem calls},
+  "get_records": calls, "records_served": n}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import signal
+import socket
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from bench.data import SEQUENCE_BASE, SHARDS, aggregates, arrival, encode, shard_of
+
+KINESIS_JSON = "application/x-amz-json-1.1"
+DYNAMODB_JSON = "application/x-amz-json-1.0"
+
+
+class Canned:
+    def __init__(self, records: int, page_size: int) -> None:
+        self.page_size = page_size
+        self.shards = [f"shardId-{i:012d}" for i in range(SHARDS)]
+        self.pages: list[list[bytes]] = [[] for _ in self.shards]
+        for record in aggregates(records):
+            shard = shard_of(record)
+            sequence = SEQUENCE_BASE + (shard << 100) + len(self.pages[shard]) * 2**20
+            entry = {
+                "SequenceNumber": str(sequence),
+                "ApproximateArrivalTimestamp": arrival(record),
+                "Data": base64.b64encode(encode(record)).decode(),
+                "PartitionKey": record["Name"],
+            }
+            self.pages[shard].append(json.dumps(entry, separators=(",", ":")).encode())
+        self.lease_tables: dict[str, dict[str, dict[str, Any]]] = {}
+        self.written: Counter[str] = Counter()
+        self.batches: Counter[str] = Counter()
+        self.get_records = 0
+        self.served = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        target = request.headers.get("X-Amz-Target", "")
+        prefix, _, operation = target.partition(".")
+        body = json.loads(await request.read() or b"{}")
+        if prefix.startswith("Kinesis"):
+            content_type = KINESIS_JSON
+            handler = getattr(self, f"kinesis_{operation}", None)
+        else:
+            content_type = DYNAMODB_JSON
+            handler = getattr(self, f"dynamodb_{operation}", None)
+        if handler is None:
+            return _error(content_type, 400, "UnknownOperationException", target)
+        try:
+            answer = handler(body)
+        except _Error as exc:
+            return _error(content_type, exc.status, exc.code, exc.message)
+        if isinstance(answer, dict):
+            answer = json.dumps(answer).encode()
+        return web.Response(
+            body=answer,
+            headers={"Content-Type": content_type, "x-amzn-RequestId": "canned"},
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "written": dict(self.written),
+                "batches": dict(self.batches),
+                "get_records": self.get_records,
+                "records_served": self.served,
+            }
+        )
+
+    # Kinesis
+
+    def _records_of(self, stream: str) -> list[list[bytes]]:
+        return [[] for _ in self.shards] if stream.endswith("-empty") else self.pages
+
+    def kinesis_DescribeStreamSummary(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["StreamName"]
+        return {
+            "StreamDescriptionSummary": {
+                "StreamName": name,
+                "StreamARN": f"arn:aws:kinesis:us-east-1:123456789012:stream/{name}",
+                "StreamStatus": "ACTIVE",
+                "StreamModeDetails": {"StreamMode": "PROVISIONED"},
+                "RetentionPeriodHours": 24,
+                "StreamCreationTimestamp": 1455235200.0,
+                "EnhancedMonitoring": [{"ShardLevelMetrics": []}],
+                "EncryptionType": "NONE",
+                "OpenShardCount": len(self.shards),
+                "ConsumerCount": 0,
+            }
+        }
+
+    def kinesis_ListShards(self, body: dict[str, Any]) -> dict[str, Any]:
+        span = 2**128 // len(self.shards)
+        return {
+            "Shards": [
+                {
+                    "ShardId": shard,
+                    "HashKeyRange": {
+                        "StartingHashKey": str(i * span),
+                        "EndingHashKey": str(
+                            2**128 - 1 if i == len(self.shards) - 1 else (i + 1) * span - 1
+                        ),
+                    },
+                    "SequenceNumberRange": {
+                        "StartingSequenceNumber": str(SEQUENCE_BASE + (i << 100))
+                    },
+                }
+                for i, shard in enumerate(self.shards)
+            ]
+        }
+
+    def kinesis_GetShardIterator(self, body: dict[str, Any]) -> dict[str, Any]:
+        shard = body["ShardId"]
+        if shard not in self.shards:
+            raise _Error(400, "ResourceNotFoundException", f"Shard {shard} not found")
+        index = self.shards.index(shard)
+        offset = 0
+        if body["ShardIteratorType"] == "AFTER_SEQUENCE_NUMBER":
+            after = int(body["StartingSequenceNumber"]) - SEQUENCE_BASE - (index << 100)
+            offset = after // 2**20 + 1
+        return {"ShardIterator": make_iterator(body["StreamName"], index, offset)}
+
+    def kinesis_GetRecords(self, body: dict[str, Any]) -> bytes:
+        stream, index, offset = parse_iterator(body["ShardIterator"])
+        records = self._records_of(stream)[index]
+        end = min(len(records), offset + min(self.page_size, int(body.get("Limit", 10000))))
+        behind = 0 if end >= len(records) else 60000 * (1 + (len(records) - end) // 1000)
+        self.get_records += 1
+        self.served += end - offset
+        return b"".join(
+            [
+                b'{"Records":[',
+                b",".join(records[offset:end]),
+                b'],"NextShardIterator":"',
+                make_iterator(stream, index, end).encode(),
+                b'","MillisBehindLatest":',
+                str(behind).encode(),
+                b"}",
+            ]
+        )
+
+    # DynamoDB
+
+    def dynamodb_DescribeTable(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["TableName"]
+        if name.startswith("leases"):
+            if name not in self.lease_tables:
+                raise _Error(400, _ddb("ResourceNotFoundException"), f"Table {name} not found")
+            keys = [("leaseKey", "HASH", "S")]
+        else:
+            keys = [("Name", "HASH", "S"), ("StatusTime", "RANGE", "N")]
+        return {
+            "Table": {
+                "TableName": name,
+                "TableStatus": "ACTIVE",
+                "AttributeDefinitions": [
+                    {"AttributeName": k, "AttributeType": t} for k, _, t in keys
+                ],
+                "KeySchema": [{"AttributeName": k, "KeyType": kind} for k, kind, _ in keys],
+                "BillingModeSummary": {"BillingMode": "PAY_PER_REQUEST"},
+                "CreationDateTime": 1455235200.0,
+                "ItemCount": 0,
+                "TableSizeBytes": 0,
+            }
+        }
+
+    def dynamodb_CreateTable(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.lease_tables.setdefault(body["TableName"], {})
+        return self.dynamodb_DescribeTable(body)
+
+    def _leases(self, body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        name = body["TableName"]
+        if name not in self.lease_tables:
+            raise _Error(400, _ddb("ResourceNotFoundException"), f"Table {name} not found")
+        return self.lease_tables[name]
+
+    def dynamodb_GetItem(self, body: dict[str, Any]) -> dict[str, Any]:
+        item = self._leases(body).get(body["Key"]["leaseKey"]["S"])
+        return {"Item": item} if item else {}
+
+    def dynamodb_PutItem(self, body: dict[str, Any]) -> dict[str, Any]:
+        item = body["Item"]
+        self._leases(body)[item["leaseKey"]["S"]] = item
+        return {}
+
+    def dynamodb_UpdateItem(self, body: dict[str, Any]) -> dict[str, Any]:
+        item = self._leases(body).get(body["Key"]["leaseKey"]["S"])
+        values = body.get("ExpressionAttributeValues", {})
+        if item is not None:
+            # Enough of the lease updates to keep the table readable: owner, counter, checkpoint.
+            for name, placeholder in (("leaseCounter", ":next"), ("checkpoint", ":cp")):
+                if placeholder in values:
+                    item[name] = values[placeholder]
+            if body["UpdateExpression"].startswith("REMOVE leaseOwner"):
+                item.pop("leaseOwner", None)
+            elif ":me" in values and "SET leaseOwner" in body["UpdateExpression"]:
+                item["leaseOwner"] = values[":me"]
+        return {}
+
+    def dynamodb_Scan(self, body: dict[str, Any]) -> dict[str, Any]:
+        items = list(self._leases(body).values())
+        return {"Items": items, "Count": len(items), "ScannedCount": len(items)}
+
+    def dynamodb_BatchWriteItem(self, body: dict[str, Any]) -> bytes:
+        for table, requests in body["RequestItems"].items():
+            self.written[table] += len(requests)
+            self.batches[table] += 1
+        return b'{"UnprocessedItems":{}}'
+
+
+class _Error(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _ddb(code: str) -> str:
+    return f"com.amazonaws.dynamodb.v20120810#{code}"
+
+
+def _error(content_type: str, status: int, code: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps({"__type": code, "message": message}).encode(),
+        headers={"Content-Type": content_type, "x-amzn-RequestId": "canned"},
+    )
+
+
+def make_iterator(stream: str, index: int, offset: int) -> str:
+    raw = f"{stream}\x00{index}\x00{offset}".encode()
+    # Real iterators are ~200 opaque characters; pad to a similar size.
+    return base64.b64encode(raw + b"\x00" * (150 - len(raw) % 150)).decode()
+
+
+def parse_iterator(iterator: str) -> tuple[str, int, int]:
+    stream, index, offset = base64.b64decode(iterator).rstrip(b"\x00").decode().split("\x00")
+    return stream, int(index), int(offset)
+
+
+async def serve(records: int, page_size: int, port: int) -> None:
+    canned = Canned(records, page_size)
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_get("/_stats", canned.stats)
+    app.router.add_post("/{tail:.*}", canned.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    site = web.SockSite(runner, sock, backlog=1024)
+    await site.start()
+    print(sock.getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args.records, args.page_size, args.port))
+    else:
+        uvloop.run(serve(args.records, args.page_size, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A fault-injecting HTTP proxy between the service and an emulator, for the fault tests.
+
+No emulator throttles, fails or is slow on demand, so the proxy forwards every AWS JSON-protocol
+request to kinesalite or dynalite and, where a rule says so, answers with a real AWS error body,
+returns part of a BatchWriteItem in `UnprocessedItems`, or adds latency. The operation comes from
+the `X-Amz-Target` header (`DynamoDB_20120810.BatchWriteItem` -> `BatchWriteItem`).
+
+Botocore signs the request including its Host header; the emulators do not verify signatures, so
+the request is forwarded with the upstream's Host and otherwise unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+# Headers that describe one hop, not the message: aiohttp sets them again on each side.
+# Accept-Encoding too, so the emulator answers uncompressed and bodies can be edited.
+_HOP_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
+)
+
+
+@dataclass(frozen=True)
+class AwsError:
+    status: int
+    type: str
+    message: str
+
+
+DYNAMODB_THROTTLED = AwsError(
+    400,
+    "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+    "The level of configured provisioned throughput for the table was exceeded. "
+    "Consider increasing your provisioning level with the UpdateTable API.",
+)
+DYNAMODB_INTERNAL = AwsError(
+    500, "com.amazonaws.dynamodb.v20120810#InternalServerError", "Internal server error"
+)
+KINESIS_THROTTLED = AwsError(
+    400,
+    "ProvisionedThroughputExceededException",
+    "Rate exceeded for shard shardId-000000000000 in stream test under account 000000000000.",
+)
+KINESIS_EXPIRED_ITERATOR = AwsError(
+    400,
+    "ExpiredIteratorException",
+    "Iterator expired. The iterator was created at time Thu Jan 01 00:00:00 UTC 1970 while "
+    "right now it is Thu Jan 01 00:05:01 UTC 1970 which is further in the future than the "
+    "tolerated delay of 300000 milliseconds.",
+)
+
+
+@dataclass
+class _Rule:
+    operation: str
+    times: int | None  # calls still to affect; None: until cleared
+    after: int  # matching calls still to let through untouched before the rule applies
+    error: AwsError | None = None
+    forward: int | None = None  # BatchWriteItem: requests forwarded per table, None = half
+    garble: bool = False
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.calls: Counter[str] = Counter()
+        """Requests seen, by operation (including the ones answered with a fault)."""
+        self.injected: Counter[str] = Counter()
+        """Errors and partial BatchWriteItem answers given, by operation."""
+        self.unprocessed_returned = 0
+        """Write requests handed back in UnprocessedItems by the proxy."""
+        self._rules: list[_Rule] = []
+        self._delays: dict[str, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.endpoint = ""
+
+    async def start(self) -> None:
+        # Responses pass through byte for byte (no decompression), so their CRC32 stays valid.
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    def fail(
+        self, operation: str, error: AwsError, times: int | None = 1, *, after: int = 0
+    ) -> None:
+        """Answer `times` calls of `operation` (None: all until `clear`) with `error`."""
+        self._rules.append(_Rule(operation, times, after, error=error))
+
+    def unprocess(self, times: int | None = 1, *, forward: int | None = None) -> None:
+        """For `times` BatchWriteItem calls, write only the first `forward` requests of each
+        table (default half, rounded down) and return the rest in UnprocessedItems."""
+        self._rules.append(_Rule("BatchWriteItem", times, 0, forward=forward))
+
+    def garble(self, operation: str, times: int | None = 1) -> None:
+        """Answer `times` calls of `operation` with a 200 whose body is not JSON (as a broken
+        middlebox might), CRC32 intact so only the body itself is wrong."""
+        self._rules.append(_Rule(operation, times, 0, garble=True))
+
+    def delay(self, operation: str, seconds: float) -> None:
+        """Hold every call of `operation` for `seconds` before forwarding it."""
+        self._delays[operation] = seconds
+
+    def clear(self) -> None:
+        self._rules.clear()
+        self._delays.clear()
+
+    def _take_rule(self, operation: str) -> _Rule | None:
+        """The first live rule for `operation`, spending one of its calls."""
+        for rule in self._rules:
+            if rule.operation != operation:
+                continue
+            if rule.after > 0:
+                rule.after -= 1
+                return None
+            if rule.times is not None:
+                rule.times -= 1
+                if rule.times == 0:
+                    self._rules.remove(rule)
+            return rule
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        target = request.headers.get("X-Amz-Target", "")
+        operation = target.rpartition(".")[2]
+        self.calls[operation] += 1
+        body = await request.read()
+        if operation in self._delays:
+            await asyncio.sleep(self._delays[operation])
+        rule = self._take_rule(operation)
+        if rule is not None and rule.error is not None:
+            self.injected[operation] += 1
+            return _error_response(target, rule.error)
+        if rule is not None and rule.garble:
+            self.injected[operation] += 1
+            return _json_response(200, target, b"<html>502 Bad Gateway</html>")
+        if rule is not None:
+            self.injected[operation] += 1
+            return await self._partial_batch_write(request, body, rule.forward)
+        status, headers, payload = await self._forward(request, body)
+        return web.Response(status=status, headers=headers, body=payload)
+
+    async def _forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body
+        ) as response:
+            payload = await response.read()
+            out = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
+            return response.status, out, payload
+
+    async def _partial_batch_write(
+        self, request: web.Request, body: bytes, forward: int | None
+    ) -> web.Response:
+        request_items: dict[str, list[Any]] = json.loads(body)["RequestItems"]
+        sent: dict[str, list[Any]] = {}
+        held: dict[str, list[Any]] = {}
+        for table, writes in request_items.items():
+            keep = len(writes) // 2 if forward is None else min(forward, len(writes))
+            if keep:
+                sent[table] = writes[:keep]
+            if writes[keep:]:
+                held[table] = writes[keep:]
+            self.unprocessed_returned += len(writes) - keep
+        result: dict[str, Any] = {"UnprocessedItems": {}}
+        if sent:  # BatchWriteItem refuses an empty request: with nothing to send, send nothing
+            status, _, payload = await self._forward(
+                request, json.dumps({**json.loads(body), "RequestItems": sent}).encode()
+            )
+            if status != 200:  # dynalite refused the part: pass its error on unchanged
+                return _json_response(status, request.headers["X-Amz-Target"], payload)
+            result = json.loads(payload)
+        unprocessed = result.setdefault("UnprocessedItems", {})
+        for table, writes in held.items():
+            unprocessed.setdefault(table, []).extend(writes)
+        return _json_response(200, request.headers["X-Amz-Target"], json.dumps(result).encode())
+
+
+def _error_response(target: str, error: AwsError) -> web.Response:
+    body = json.dumps({"__type": error.type, "message": error.message}).encode()
+    return _json_response(error.status, target, body)
+
+
+def _json_response(status: int, target: str, body: bytes) -> web.Response:
+    dynamodb = target.startswith("DynamoDB")
+    headers = {
+        "Content-Type": "application/x-amz-json-1.0" if dynamodb else "application/x-amz-json-1.1",
+        "x-amzn-RequestId": uuid.uuid4().hex,
+    }
+    if dynamodb:
+        # Botocore checks DynamoDB bodies against this header: it must match what is sent.
+        headers["x-amz-crc32"] = str(zlib.crc32(body))
+    return web.Response(status=status, headers=headers, body=body)

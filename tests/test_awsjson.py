@@ -1,0 +1,198 @@
+"""The lean data-path client against the emulators, checked against aiobotocore's answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiobotocore.session import get_session
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
+from botocore.exceptions import ClientError
+
+from tests.helpers import put_records, scan_table
+from wildrydes_stream.awsjson import DynamoDBData, KinesisData, Signer
+from wildrydes_stream.config import Settings
+from wildrydes_stream.retry import error_code, is_transient
+
+
+@pytest.fixture
+async def fast_dynamodb(dynamodb: Any) -> AsyncIterator[DynamoDBData]:
+    credentials = await get_session().get_credentials()
+    async with DynamoDBData(dynamodb, credentials) as client:
+        yield client
+
+
+@pytest.fixture
+async def fast_kinesis(kinesis: Any) -> AsyncIterator[KinesisData]:
+    credentials = await get_session().get_credentials()
+    async with KinesisData(kinesis, credentials) as client:
+        yield client
+
+
+def _item(name: str, minute: int, distance: str = "1317") -> dict[str, Any]:
+    return {
+        "Name": {"S": name},
+        "StatusTime": {"N": str(1455235200000 + minute * 60000)},
+        "Distance": {"N": distance},
+        "MinMagicPoints": {"N": "146"},
+        "Flag": {"BOOL": True},
+        "Note": {"NULL": True},
+    }
+
+
+async def test_batch_write_item_writes_items_aiobotocore_reads_back(
+    resources: Settings, dynamodb: Any, fast_dynamodb: DynamoDBData
+) -> None:
+    items = [_item("Shadowfax", m) for m in range(25)]
+    response = await fast_dynamodb.batch_write_item(
+        RequestItems={resources.table_name: [{"PutRequest": {"Item": i}} for i in items]}
+    )
+
+    assert response["UnprocessedItems"] == {}
+    stored = await scan_table(dynamodb, resources.table_name)
+    key = lambda item: item["StatusTime"]["N"]  # noqa: E731
+    assert sorted(stored, key=key) == sorted(items, key=key)
+
+
+async def test_batch_write_item_sends_blobs_as_base64(
+    resources: Settings, dynamodb: Any, fast_dynamodb: DynamoDBData
+) -> None:
+    item = {**_item("Shadowfax", 0), "Raw": {"B": b"\x00\xffunicorn"}}
+    await fast_dynamodb.batch_write_item(
+        RequestItems={resources.table_name: [{"PutRequest": {"Item": item}}]}
+    )
+
+    [stored] = await scan_table(dynamodb, resources.table_name)
+    assert stored["Raw"] == {"B": b"\x00\xffunicorn"}
+
+
+async def test_get_records_matches_aiobotocore(
+    resources: Settings, kinesis: Any, fast_kinesis: KinesisData
+) -> None:
+    records = [{"Name": f"Unicorn{i}", "StatusTime": "2016-02-12 00:00:00.000"} for i in range(40)]
+    await put_records(kinesis, resources.stream_name, records)
+    shards = (await kinesis.list_shards(StreamName=resources.stream_name))["Shards"]
+    compared = 0
+    for shard in shards:
+        iterator = (
+            await kinesis.get_shard_iterator(
+                StreamName=resources.stream_name,
+                ShardId=shard["ShardId"],
+                ShardIteratorType="TRIM_HORIZON",
+            )
+        )["ShardIterator"]
+        slow = await kinesis.get_records(ShardIterator=iterator, Limit=100)
+        fast = await fast_kinesis.get_records(ShardIterator=iterator, Limit=100)
+
+        assert [_comparable(r) for r in fast["Records"]] == [
+            _comparable(r) for r in slow["Records"]
+        ]
+        for mine, theirs in zip(fast["Records"], slow["Records"], strict=True):
+            assert isinstance(mine["Data"], bytes)
+            assert mine["ApproximateArrivalTimestamp"] == pytest.approx(
+                theirs["ApproximateArrivalTimestamp"].timestamp(), abs=0.001
+            )
+        assert fast["MillisBehindLatest"] == slow["MillisBehindLatest"]
+        assert isinstance(fast["NextShardIterator"], str)
+        compared += len(fast["Records"])
+    assert compared == len(records)
+
+
+def _comparable(record: dict[str, Any]) -> tuple[str, bytes, str]:
+    return record["SequenceNumber"], record["Data"], record["PartitionKey"]
+
+
+async def test_other_operations_fall_through_to_the_wrapped_client(
+    resources: Settings, fast_kinesis: KinesisData
+) -> None:
+    summary = await fast_kinesis.describe_stream_summary(StreamName=resources.stream_name)
+    assert summary["StreamDescriptionSummary"]["OpenShardCount"] == 4
+
+
+async def test_missing_table_is_a_client_error_with_the_code(
+    resources: Settings, fast_dynamodb: DynamoDBData
+) -> None:
+    with pytest.raises(ClientError) as caught:
+        await fast_dynamodb.batch_write_item(
+            RequestItems={"no-such-table": [{"PutRequest": {"Item": _item("Shadowfax", 0)}}]}
+        )
+
+    assert error_code(caught.value) == "ResourceNotFoundException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert caught.value.response["Error"]["Message"]
+    assert not is_transient(caught.value)
+
+
+async def test_bad_item_is_a_validation_error(
+    resources: Settings, fast_dynamodb: DynamoDBData
+) -> None:
+    bad = {"Name": {"S": "Shadowfax"}, "StatusTime": {"N": "not a number"}}
+    with pytest.raises(ClientError) as caught:
+        await fast_dynamodb.batch_write_item(
+            RequestItems={resources.table_name: [{"PutRequest": {"Item": bad}}]}
+        )
+
+    assert error_code(caught.value) == "ValidationException"
+    assert not is_transient(caught.value)
+
+
+async def test_bad_iterator_is_a_client_error_with_the_code(
+    resources: Settings, fast_kinesis: KinesisData
+) -> None:
+    with pytest.raises(ClientError) as caught:
+        await fast_kinesis.get_records(ShardIterator="x" * 100, Limit=10)
+
+    assert error_code(caught.value) in ("InvalidArgumentException", "ValidationException")
+
+
+async def test_a_dead_endpoint_raises_a_transient_aiohttp_error(settings: Settings) -> None:
+    session = get_session()
+    async with session.create_client(
+        "dynamodb", region_name="us-east-1", endpoint_url="http://127.0.0.1:9"
+    ) as dead:
+        credentials = await session.get_credentials()
+        async with DynamoDBData(dead, credentials) as client:
+            with pytest.raises(aiohttp.ClientError) as caught:
+                await client.batch_write_item(RequestItems={settings.table_name: []})
+
+    assert is_transient(caught.value)
+
+
+@pytest.mark.parametrize("token", [None, "session-token"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:4567", "https://dynamodb.eu-west-1.amazonaws.com/"]
+)
+def test_signature_equals_botocores(token: str | None, url: str) -> None:
+    credentials = ReadOnlyCredentials(
+        "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token
+    )
+    body = b'{"RequestItems":{"t":[]}}'
+    content_type = "application/x-amz-json-1.0"
+    target = "DynamoDB_20120810.BatchWriteItem"
+    url = url if url.count("/") > 2 else url + "/"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+    mine = Signer(url, "dynamodb", "eu-west-1", content_type).headers(
+        credentials, target, body, stamp
+    )
+
+    request = AWSRequest(
+        method="POST",
+        url=url,
+        data=body,
+        headers={"Content-Type": content_type, "X-Amz-Target": target, "X-Amz-Date": stamp},
+    )
+    if token:
+        request.headers["X-Amz-Security-Token"] = token
+    request.context["timestamp"] = stamp
+    auth = SigV4Auth(credentials, "dynamodb", "eu-west-1")
+    canonical = auth.canonical_request(request)
+    signature = auth.signature(auth.string_to_sign(request, canonical), request)
+    auth._inject_signature_to_request(request, signature)
+    assert mine["Authorization"] == request.headers["Authorization"]
+    assert mine.get("X-Amz-Security-Token") == token
