@@ -99,7 +99,8 @@ class Metrics:
         )
         self.end_to_end_seconds = Histogram(
             "end_to_end_latency_seconds",
-            "Time from a record's arrival in Kinesis to its write being acknowledged.",
+            "Time from the arrival in Kinesis of the oldest record of a write to that write being "
+            "acknowledged (one observation per successful BatchWriteItem).",
             namespace=NAMESPACE,
             registry=r,
             buckets=_LATENCY_BUCKETS,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -59,9 +59,13 @@ class WriterPool:
         return sum(queue.qsize() for queue in self._queues)
 
     async def put(self, envelope: Envelope) -> None:
-        name, sort_key = envelope.key
-        index = zlib.crc32(f"{name}\x00{sort_key}".encode()) % len(self._queues)
-        await self._queues[index].put(envelope)
+        # hash() of a tuple of str is fixed for the life of the process, which is all routing
+        # needs: one key always goes to the same writer.
+        queue = self._queues[hash(envelope.key) % len(self._queues)]
+        if queue.full():
+            await queue.put(envelope)
+        else:
+            queue.put_nowait(envelope)
 
     def start(self) -> None:
         if not self._tasks:
@@ -186,13 +190,19 @@ class BatchWriter:
             await self.write({key: batch[key]})
 
     def _finish(self, batch: Batch, keys: list[ItemKey]) -> None:
-        now = time.time()
+        if not keys:
+            return
+        on_finished = self._on_finished
         written = 0
+        oldest = math.inf
         for key in keys:
             for envelope in batch[key]:
-                self._metrics.end_to_end_seconds.observe(max(0.0, now - envelope.arrival))
-                self._on_finished(envelope)
+                on_finished(envelope)
+                oldest = min(oldest, envelope.arrival)
                 written += 1
+        # One observation per acknowledged write, for its oldest record: the latency that
+        # matters for lag, at a fraction of the cost of one observation per record.
+        self._metrics.end_to_end_seconds.observe(max(0.0, time.time() - oldest))
         self._metrics.records_written.inc(written)
 
     async def _dead_letter(
