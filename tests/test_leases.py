@@ -1,4 +1,4 @@
-"""Leases: one owner per shard, conditional checkpoints, hand-over between workers."""
+"""Leases: one owner per shard, conditional checkpoints, expiry, and shards spread over workers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import put_records, scan_table, unicorn_records, wait_for
-from wildrydes_stream.checkpoint.leases import LeaseTable
+from wildrydes_stream.checkpoint.balancing import fair_share, lease_to_steal
+from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import LeaseLostError
+from wildrydes_stream.provision import ensure_stream, ensure_table
 from wildrydes_stream.service import Service
 
 pytestmark = pytest.mark.usefixtures("shadowfax_available")
@@ -17,6 +19,40 @@ pytestmark = pytest.mark.usefixtures("shadowfax_available")
 
 def _always(_: object) -> bool:
     return True
+
+
+def _never(_: object) -> bool:
+    return False
+
+
+def _leases(*owners: str | None) -> list[Lease]:
+    return [Lease(f"shardId-{i:012}", "TRIM_HORIZON", owner, 1) for i, owner in enumerate(owners)]
+
+
+def test_a_worker_below_its_share_steals_from_the_busiest_one() -> None:
+    leases = _leases("a", "a", "a", "a", "b")
+    assert fair_share(leases, "c", _never) == 2  # ceil(5 / 3 live workers)
+    victim = lease_to_steal(leases, "c", _never)
+    assert victim is not None
+    assert victim.owner == "a"
+
+
+def test_no_lease_is_stolen_once_the_spread_is_fair() -> None:
+    assert lease_to_steal(_leases("a", "a", "b", "b"), "b", _never) is None
+    # b holds one of three, below its share of two, but a holds no more than its share:
+    # taking one would only make a the one below, and the lease would swap back and forth.
+    assert lease_to_steal(_leases("a", "a", "b"), "b", _never) is None
+    assert lease_to_steal(_leases("a", "a", "a"), "b", _never) is not None
+
+
+def test_expired_owners_are_not_counted_as_workers() -> None:
+    leases = _leases("dead", "dead", "a", "a")
+
+    def dead(lease: Lease) -> bool:
+        return lease.owner == "dead"
+
+    assert fair_share(leases, "b", dead) == 2  # a and b alive
+    assert lease_to_steal(leases, "b", dead) is None  # a holds exactly its share
 
 
 async def test_a_checkpoint_fails_once_another_worker_took_the_lease(
@@ -39,10 +75,10 @@ async def test_a_checkpoint_fails_once_another_worker_took_the_lease(
     assert (stored.owner, stored.checkpoint, stored.owner_switches) == ("second", "100", 1)
 
 
-async def test_a_held_lease_is_not_taken_and_a_released_one_is(
+async def test_two_workers_split_the_shards_and_one_takes_all_when_the_other_stops(
     resources: Settings, kinesis: Any, dynamodb: Any
 ) -> None:
-    first_records = unicorn_records(("Shadowfax", "Rocinante"), minutes=100)
+    first_records = unicorn_records(("Shadowfax", "Rocinante", "Pegasus"), minutes=100)
     later_records = unicorn_records(("Epona", "Artax"), minutes=100)
     await put_records(kinesis, resources.stream_name, first_records)
     first = Service(resources.replace(worker_id="first"))
@@ -51,10 +87,8 @@ async def test_a_held_lease_is_not_taken_and_a_released_one_is(
     await first.start()
     try:
         await second.start()
-        assert first.supervisor is not None
-        assert second.supervisor is not None
-        assert len(first.supervisor.owned) == 4
-        assert second.supervisor.owned == {}
+        # The worker a lease was taken from notices at its next renewal or checkpoint.
+        await wait_for(lambda: _split_evenly(first, second), timeout=30)
         await wait_for(lambda: _count(dynamodb, resources, len(first_records)))
     finally:
         await first.stop()
@@ -62,35 +96,72 @@ async def test_a_held_lease_is_not_taken_and_a_released_one_is(
         await wait_for(lambda: _owns(second, 4))
         await put_records(kinesis, resources.stream_name, later_records)
         await wait_for(lambda: _count(dynamodb, resources, len(first_records + later_records)))
-        # The second worker started from the first one's checkpoints, not from the start.
-        assert second.metrics.snapshot().read == len(later_records)
     finally:
         await second.stop()
+    leases = await LeaseTable(dynamodb, resources.lease_table_name, "reader").all()
+    assert all(lease.owner is None for lease in leases.values())
+
+
+async def test_a_renewed_lease_is_not_taken_until_it_is_released(
+    settings: Settings, kinesis: Any, dynamodb: Any
+) -> None:
+    await ensure_stream(kinesis, settings.stream_name, 1)
+    await ensure_table(dynamodb, settings)
+    fast_expiry = settings.replace(lease_duration_seconds=0.3)
+    reader = LeaseTable(dynamodb, settings.lease_table_name, "reader")
+    async with Service(fast_expiry.replace(worker_id="holder")) as holder:
+        (shard,) = _owned(holder)
+        first_counter = await _counter(reader, shard)
+        async with Service(fast_expiry.replace(worker_id="waiter")) as waiter:
+            # Five lease durations of renewals go by without the waiter taking the lease.
+            await wait_for(lambda: _counter_above(reader, shard, first_counter + 15))
+            assert _owned(waiter) == set()
+            await holder.stop()
+            await wait_for(lambda: _owns(waiter, 1))
 
 
 async def test_an_expired_lease_is_taken_over(
-    resources: Settings, kinesis: Any, dynamodb: Any
+    settings: Settings, kinesis: Any, dynamodb: Any
 ) -> None:
-    settings = resources.replace(worker_id="survivor", lease_duration_seconds=0.5)
+    await ensure_stream(kinesis, settings.stream_name, 1)
+    await ensure_table(dynamodb, settings)
+    settings = settings.replace(worker_id="survivor", lease_duration_seconds=0.5)
     records = unicorn_records(("Pegasus",), minutes=50)
     await put_records(kinesis, settings.stream_name, records)
     ghost = LeaseTable(dynamodb, settings.lease_table_name, "ghost")
     await ghost.ensure_table()
-    shards = (await kinesis.list_shards(StreamName=settings.stream_name))["Shards"]
-    for shard in shards:
-        await ghost.acquire(shard["ShardId"], (), "TRIM_HORIZON", _always)
+    (shard,) = (await kinesis.list_shards(StreamName=settings.stream_name))["Shards"]
+    await ghost.acquire(shard["ShardId"], (), "TRIM_HORIZON", _always)
 
     async with Service(settings) as survivor:
-        assert survivor.supervisor is not None
-        assert survivor.supervisor.owned == {}  # held by the ghost, not yet expired
-        await wait_for(lambda: _owns(survivor, len(shards)))
+        assert _owned(survivor) == set()  # held by the ghost, not yet expired
+        await wait_for(lambda: _owns(survivor, 1))
         await wait_for(lambda: _count(dynamodb, settings, len(records)))
 
 
-async def _owns(service: Service, shards: int) -> bool:
+async def _split_evenly(first: Service, second: Service) -> bool:
+    mine, theirs = _owned(first), _owned(second)
+    return len(mine) == len(theirs) == 2 and mine.isdisjoint(theirs)
+
+
+def _owned(service: Service) -> set[str]:
     assert service.supervisor is not None
-    return len(service.supervisor.owned) == shards
+    return set(service.supervisor.owned)
+
+
+async def _owns(service: Service, shards: int) -> bool:
+    return len(_owned(service)) == shards
 
 
 async def _count(dynamodb: Any, settings: Settings, expected: int) -> bool:
     return len(await scan_table(dynamodb, settings.table_name)) == expected
+
+
+async def _counter(table: LeaseTable, shard: str) -> int:
+    lease = await table.get(shard)
+    assert lease is not None
+    return lease.counter
+
+
+async def _counter_above(table: LeaseTable, shard: str, value: int) -> bool:
+    return await _counter(table, shard) > value

@@ -15,7 +15,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wildrydes_stream import __version__
-from wildrydes_stream.config import Settings, describe, load_settings
+from wildrydes_stream.config import CONFIG_FILE_ENV, Settings, describe, load_settings
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
 
@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WildrydesError as exc:
         print(f"wildrydes-stream: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "local" and not (args.config or os.environ.get(CONFIG_FILE_ENV)):
+        # The live summary is the output here: keep logs to warnings unless asked otherwise.
+        if "WILDRYDES_LOG_LEVEL" not in os.environ:
+            settings = settings.replace(log_level="WARNING")
+        if "WILDRYDES_LOG_FORMAT" not in os.environ:
+            settings = settings.replace(log_format="text")
     configure_logging(settings.log_format, settings.log_level)
     try:
         if args.command == "run":

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wildrydes_stream.checkpoint.balancing import lease_to_steal
 from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
@@ -92,9 +93,13 @@ class ShardSupervisor:
         for known in leases.values():
             self._note(known)
         started = []
-        for shard in readable_shards(shards, leases):
+        readable = readable_shards(shards, leases)
+        for shard in readable:
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
+            scanned = leases.get(shard.shard_id)
+            if scanned is not None and self._held_by_other(scanned):
+                continue  # a live worker has it: no need to read it again
             # A child starts at TRIM_HORIZON so nothing written to it before we got here is lost.
             initial = "TRIM_HORIZON" if shard.parents else self._settings.starting_position
             lease = await self._leases.acquire(
@@ -104,9 +109,47 @@ class ShardSupervisor:
                 continue
             self._start(lease)
             started.append(shard.shard_id)
+        stolen = await self._steal_one(
+            [leases[s.shard_id] for s in readable if s.shard_id in leases]
+        )
+        if stolen is not None:
+            started.append(stolen)
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
+
+    async def _steal_one(self, candidates: list[Lease]) -> str | None:
+        """Take one lease from a worker holding more than its share, if we hold less."""
+        if self._stopping.is_set():
+            return None
+        me = self._leases.owner
+        for candidate in candidates:  # what we took just now is ours, whatever the scan said
+            if candidate.shard_id in self.owned:
+                candidate.owner = me
+        victim = lease_to_steal(candidates, me, self._expired)
+        if victim is None:
+            return None
+        owner, counter = victim.owner, victim.counter
+
+        def unchanged(current: Lease) -> bool:
+            return current.owner == owner and current.counter == counter
+
+        lease = await self._leases.acquire(victim.shard_id, victim.parents, "", unchanged)
+        if lease is None or lease.at_shard_end:
+            return None
+        log.info("took lease to balance", extra={"shard": lease.shard_id, "from": owner})
+        self._start(lease)
+        return lease.shard_id
+
+    def _held_by_other(self, lease: Lease) -> bool:
+        owner = lease.owner
+        return owner is not None and owner != self._leases.owner and not self._expired(lease)
+
+    def _expired(self, lease: Lease) -> bool:
+        seen = self._seen.get(lease.shard_id)
+        if seen is None or seen[0] != lease.counter:
+            return False
+        return time.monotonic() - seen[1] >= self._settings.lease_duration_seconds
 
     def _note(self, lease: Lease) -> None:
         seen = self._seen.get(lease.shard_id)
@@ -122,8 +165,7 @@ class ShardSupervisor:
         if lease.owner is None or lease.owner == self._leases.owner:
             return True
         self._note(lease)
-        _, since = self._seen[lease.shard_id]
-        expired = time.monotonic() - since >= self._settings.lease_duration_seconds
+        expired = self._expired(lease)
         if expired:
             log.info(
                 "taking expired lease",
