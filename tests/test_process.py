@@ -301,6 +301,21 @@ async def test_unreachable_endpoint_is_one_line_not_a_traceback(
     assert "Traceback" not in stderr
 
 
+async def test_metrics_port_in_use_is_one_line_naming_the_setting(
+    resources: Settings, aws_env: dict[str, str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = service_env(resources, aws_env, http_host="127.0.0.1", http_port=port)
+        code, _, stderr = await run_to_exit(env, "run")
+    assert code == 1
+    assert stderr.splitlines() == [stderr.strip()], stderr
+    assert f"127.0.0.1:{port}" in stderr
+    assert "WILDRYDES_HTTP_PORT" in stderr
+
+
 # 5. /readyz, /healthz and /metrics from the running process.
 
 

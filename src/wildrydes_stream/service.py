@@ -70,8 +70,18 @@ class Service:
             return
         self._started = True
         s = self.settings
-        clients = await self._clients.__aenter__()
+        # The port first: a clash fails at once, before anything is created in AWS. Until the
+        # shards are read, /healthz answers and /readyz says not ready.
+        self.http = HealthServer(
+            self.metrics.registry,
+            live=self._live,
+            ready=self._ready,
+            host=s.http_host,
+            port=s.http_port,
+        )
+        await self.http.start()
         try:
+            clients = await self._clients.__aenter__()
             await self._check_resources(clients)
             leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
             await leases.ensure_table()
@@ -89,14 +99,6 @@ class Service:
                 self._stopping,
                 self._fail,
             )
-            self.http = HealthServer(
-                self.metrics.registry,
-                live=self._live,
-                ready=self._ready,
-                host=s.http_host,
-                port=s.http_port,
-            )
-            await self.http.start()
             self.pool.start()
             await self.supervisor.sync()
             self._tasks = [

@@ -8,6 +8,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from wildrydes_stream.errors import WildrydesError
+
 
 class HealthServer:
     def __init__(
@@ -38,7 +40,14 @@ class HealthServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise WildrydesError(
+                f"cannot serve /metrics on {self._host}:{self._port}: {exc.strerror}; set "
+                "http_port (WILDRYDES_HTTP_PORT) to a free port, or 0 for any"
+            ) from None
         self._runner = runner
         server: Any = site._server
         sockets = server.sockets if server is not None else ()
