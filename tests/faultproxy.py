@@ -67,6 +67,7 @@ class _Rule:
     error: AwsError | None = None
     forward: int | None = None  # BatchWriteItem: requests forwarded per table, None = half
     garble: bool = False
+    behind_ms: int | None = None  # GetRecords: forward, then report this MillisBehindLatest
 
 
 class FaultProxy:
@@ -118,6 +119,11 @@ class FaultProxy:
         middlebox might), CRC32 intact so only the body itself is wrong."""
         self._rules.append(_Rule(operation, times, 0, garble=True))
 
+    def behind(self, millis: int, times: int | None = None) -> None:
+        """Forward GetRecords but answer that the shard is `millis` behind the tip (kinesalite
+        always says 0)."""
+        self._rules.append(_Rule("GetRecords", times, 0, behind_ms=millis))
+
     def delay(self, operation: str, seconds: float) -> None:
         """Hold every call of `operation` for `seconds` before forwarding it."""
         self._delays[operation] = seconds
@@ -155,6 +161,13 @@ class FaultProxy:
         if rule is not None and rule.garble:
             self.injected[operation] += 1
             return _json_response(200, target, b"<html>502 Bad Gateway</html>")
+        if rule is not None and rule.behind_ms is not None:
+            self.injected[operation] += 1
+            status, _, payload = await self._forward(request, body)
+            answer = json.loads(payload)
+            if status == 200:
+                answer["MillisBehindLatest"] = rule.behind_ms
+            return _json_response(status, target, json.dumps(answer).encode())
         if rule is not None:
             self.injected[operation] += 1
             return await self._partial_batch_write(request, body, rule.forward)

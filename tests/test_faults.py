@@ -326,3 +326,28 @@ async def test_writes_past_the_retry_budget_are_dead_lettered_and_the_shard_move
     leases = await LeaseTable(dynamodb, settings.lease_table_name, "reader").all()
     [lease] = leases.values()
     assert lease.checkpoint == later_results[-1]["SequenceNumber"]
+
+
+async def test_a_shard_behind_the_tip_is_polled_again_at_once_and_its_lag_exported(
+    one_shard: Settings, kinesis_proxy: FaultProxy, kinesis: Any
+) -> None:
+    # Caught up on records (fewer than the limit) and a 30 s idle wait: only being behind
+    # the tip can make the poller call again at once.
+    settings = one_shard.replace(idle_poll_interval_seconds=30.0, min_poll_interval_seconds=0.05)
+    results = await put_records(kinesis, settings.stream_name, make_records(20))
+    shard = results[0]["ShardId"]
+    kinesis_proxy.behind(5000)
+
+    async with Service(settings) as service:
+
+        async def polled_again() -> bool:
+            return kinesis_proxy.calls["GetRecords"] >= 10
+
+        await wait_for(polled_again, timeout=10)
+        assert sample(service, "wildrydes_shard_behind_latest_seconds", shard=shard) == 5.0
+        kinesis_proxy.clear()
+
+        async def caught_up() -> bool:
+            return sample(service, "wildrydes_shard_behind_latest_seconds", shard=shard) == 0.0
+
+        await wait_for(caught_up, timeout=10)
