@@ -1,0 +1,45 @@
+"""The `local` command (what `make local` runs) and the simulated fleet behind it."""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import UTC, datetime
+
+from tests.process import bare_env, run_to_exit
+from wildrydes_stream.local.fleet import Unicorn
+
+
+def test_a_unicorn_minute_follows_the_workshop_producer_model() -> None:
+    unicorn = Unicorn("Shadowfax", random.Random(7))
+    start = datetime(2016, 2, 12, tzinfo=UTC)
+    first, second = unicorn.minute(start), unicorn.minute(start)
+
+    assert first["StatusTime"] == "2016-02-12 00:00:00.000"
+    for minute in (first, second):
+        # Distance: 60 seconds of the per-run base in [100, 199] plus 0..19 each second.
+        assert 60 * unicorn.base <= minute["Distance"] <= 60 * (unicorn.base + 19)
+        assert 100 <= unicorn.base <= 199
+        # Points start at 150 and move by at most one a second.
+        for low, high in (
+            ("MinMagicPoints", "MaxMagicPoints"),
+            ("MinHealthPoints", "MaxHealthPoints"),
+        ):
+            assert 150 - 120 <= minute[low] <= minute[high] <= 150 + 120
+            assert minute[high] - minute[low] <= 60
+    # The walk goes on from where the last minute left it.
+    assert abs(second["MinMagicPoints"] - first["MinMagicPoints"]) <= 120
+
+
+async def test_local_runs_the_pipeline_and_finds_every_record_in_the_table() -> None:
+    env = bare_env(WILDRYDES_HTTP_PORT="0", WILDRYDES_HTTP_HOST="127.0.0.1")
+    code, stdout, stderr = await run_to_exit(
+        env, "local", "--duration", "3", "--unicorns", "3", "--rate", "10", timeout=90
+    )
+
+    assert code == 0, stderr
+    produced = re.search(r"fleet stopped after (\d+) records", stdout)
+    assert produced is not None, stdout
+    assert int(produced.group(1)) > 0
+    assert f"OK: all {produced.group(1)} records are in UnicornSensorData" in stdout
+    assert "written" in stdout  # the live summary was printed
