@@ -49,6 +49,19 @@ class Envelope:
 _JSON: Final = json.JSONDecoder(parse_float=Decimal)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that cannot be written: its raw data, why, and where it was read."""
+
+    data: bytes
+    reason: str
+    kind: str  # bounded label for metrics: "invalid_record", "rejected_by_table", "retries"
+    stream: str
+    shard_id: str
+    sequence: int
+    arrival: float
+
+
 def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
     """The table item for one record's data, or RecordError saying what is wrong with it."""
     try:

@@ -93,7 +93,8 @@ class ShardSupervisor:
         for known in leases.values():
             self._note(known)
         started = []
-        readable = readable_shards(shards, leases)
+        finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
+        readable = readable_shards(shards, finished)
         for shard in readable:
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
@@ -189,7 +190,7 @@ class ShardSupervisor:
             self._settings,
             progress,
             self._dispatch,
-            self._deadletters,
+            self._deadletters.send,
             self._metrics,
             self._stopping,
         )

@@ -13,12 +13,12 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records import DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +26,21 @@ SQS_BATCH = 10
 SQS_MAX_BODY = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    data: bytes
-    reason: str
-    kind: str  # bounded label for metrics: "invalid_record", "rejected_by_table", ...
-    stream: str
-    shard_id: str
-    sequence: int
-    arrival: float
-
-    def to_json(self) -> str:
-        entry: dict[str, Any] = {
-            "reason": self.reason,
-            "kind": self.kind,
-            "stream": self.stream,
-            "shard_id": self.shard_id,
-            "sequence_number": str(self.sequence),
-            "arrival_time": datetime.fromtimestamp(self.arrival, UTC).isoformat(),
-            "dead_lettered_at": datetime.now(UTC).isoformat(),
-            "data_base64": base64.b64encode(self.data).decode("ascii"),
-        }
-        with contextlib.suppress(UnicodeDecodeError):
-            entry["data"] = self.data.decode("utf-8")
-        return json.dumps(entry, separators=(",", ":"))
+def entry_json(letter: DeadLetter) -> str:
+    """One dead-letter entry as compact JSON: the raw record and where it came from."""
+    entry: dict[str, Any] = {
+        "reason": letter.reason,
+        "kind": letter.kind,
+        "stream": letter.stream,
+        "shard_id": letter.shard_id,
+        "sequence_number": str(letter.sequence),
+        "arrival_time": datetime.fromtimestamp(letter.arrival, UTC).isoformat(),
+        "dead_lettered_at": datetime.now(UTC).isoformat(),
+        "data_base64": base64.b64encode(letter.data).decode("ascii"),
+    }
+    with contextlib.suppress(UnicodeDecodeError):
+        entry["data"] = letter.data.decode("utf-8")
+    return json.dumps(entry, separators=(",", ":"))
 
 
 class Destination(Protocol):
@@ -64,7 +55,7 @@ class FileDestination:
         self._lock = asyncio.Lock()
 
     async def send(self, letters: list[DeadLetter]) -> None:
-        text = "".join(letter.to_json() + "\n" for letter in letters)
+        text = "".join(entry_json(letter) + "\n" for letter in letters)
         async with self._lock:
             await asyncio.to_thread(self._append, text)
 
@@ -103,7 +94,7 @@ class SqsDestination:
 
 
 def _sqs_body(letter: DeadLetter) -> str:
-    body = letter.to_json()
+    body = entry_json(letter)
     if len(body.encode()) <= SQS_MAX_BODY:
         return body
     # A record near Kinesis's 1 MiB limit does not fit in one SQS message: keep its metadata
@@ -117,7 +108,7 @@ def _sqs_body(letter: DeadLetter) -> str:
         letter.sequence,
         letter.arrival,
     )
-    return clipped.to_json()
+    return entry_json(clipped)
 
 
 class DeadLetters:

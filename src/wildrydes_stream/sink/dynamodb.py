@@ -19,9 +19,9 @@ from typing import Any
 
 from wildrydes_stream.config import Settings
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import Envelope, ItemKey, item_key_of
+from wildrydes_stream.records import DeadLetter, Envelope, ItemKey, item_key_of
 from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
-from wildrydes_stream.sink.deadletter import DeadLetter, DeadLetters
+from wildrydes_stream.sink.deadletter import DeadLetters
 
 log = logging.getLogger(__name__)
 

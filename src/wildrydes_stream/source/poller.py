@@ -14,22 +14,31 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import Envelope, decode_item
+from wildrydes_stream.records import DeadLetter, Envelope, decode_item
 from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
-from wildrydes_stream.sink.deadletter import DeadLetter, DeadLetters
 from wildrydes_stream.waiting import wait_or_timeout
 
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[Envelope], Awaitable[None]]
+"""Hands a decoded record to the writers; waits while they are full."""
+SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
+"""Returns once the dead-letter destinations hold the entries."""
+
+
+class Progress(Protocol):
+    """What the poller tells the shard's checkpoint tracker."""
+
+    def register(self, sequence: int) -> None: ...
+    def finish(self, sequence: int) -> None: ...
+    def end(self) -> None: ...
 
 
 class ShardPoller:
@@ -38,9 +47,9 @@ class ShardPoller:
         shard_id: str,
         client: Any,
         settings: Settings,
-        progress: ShardProgress,
+        progress: Progress,
         dispatch: Dispatch,
-        deadletters: DeadLetters,
+        send_dead_letters: SendDeadLetters,
         metrics: Metrics,
         stopping: asyncio.Event,
     ) -> None:
@@ -49,7 +58,7 @@ class ShardPoller:
         self._settings = settings
         self._progress = progress
         self._dispatch = dispatch
-        self._deadletters = deadletters
+        self._send_dead_letters = send_dead_letters
         self._metrics = metrics
         self._stopping = stopping
         self._last_read: str | None = None
@@ -127,7 +136,7 @@ class ShardPoller:
         self._last_read = records[-1]["SequenceNumber"]
         self._metrics.records_read.labels(shard_id).inc(len(records))
         if bad:
-            await self._deadletters.send(bad)
+            await self._send_dead_letters(bad)
             for letter in bad:
                 progress.finish(letter.sequence)
 

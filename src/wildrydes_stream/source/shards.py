@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.checkpoint.leases import Lease
 from wildrydes_stream.errors import MissingResourceError
 
 
@@ -44,21 +43,16 @@ async def list_shards(client: Any, stream_name: str) -> list[Shard]:
         kwargs = {"NextToken": token}
 
 
-def readable_shards(shards: list[Shard], leases: Mapping[str, Lease]) -> list[Shard]:
-    """Shards whose parents are done: read to the end with SHARD_END checkpointed.
+def readable_shards(shards: list[Shard], finished: Collection[str]) -> list[Shard]:
+    """Shards whose parents are done: read to the end with SHARD_END checkpointed (`finished`).
 
     A parent no longer listed has been trimmed away with all its data, so it is done too.
     Shards already at SHARD_END are not returned.
     """
     listed = {shard.shard_id for shard in shards}
-
-    def finished(shard_id: str) -> bool:
-        lease = leases.get(shard_id)
-        return lease is not None and lease.at_shard_end
-
     return [
         shard
         for shard in shards
-        if not finished(shard.shard_id)
-        and all(finished(parent) or parent not in listed for parent in shard.parents)
+        if shard.shard_id not in finished
+        and all(parent in finished or parent not in listed for parent in shard.parents)
     ]
