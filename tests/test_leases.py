@@ -89,6 +89,10 @@ async def test_two_workers_split_the_shards_and_one_takes_all_when_the_other_sto
         await second.start()
         # The worker a lease was taken from notices at its next renewal or checkpoint.
         await wait_for(lambda: _split_evenly(first, second), timeout=30)
+        # A replica exports lag only for the shards it reads: a stale series for a shard that
+        # moved away would hold a lag alert up.
+        assert _lag_series(first) <= _owned(first)
+        assert _lag_series(second) <= _owned(second)
         await wait_for(lambda: _count(dynamodb, resources, len(first_records)))
     finally:
         await first.stop()
@@ -142,6 +146,14 @@ async def test_an_expired_lease_is_taken_over(
 async def _split_evenly(first: Service, second: Service) -> bool:
     mine, theirs = _owned(first), _owned(second)
     return len(mine) == len(theirs) == 2 and mine.isdisjoint(theirs)
+
+
+def _lag_series(service: Service) -> set[str]:
+    return {
+        sample.labels["shard"]
+        for family in service.metrics.behind_latest.collect()
+        for sample in family.samples
+    }
 
 
 def _owned(service: Service) -> set[str]:

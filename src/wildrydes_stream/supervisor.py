@@ -208,8 +208,7 @@ class ShardSupervisor:
             await owned.progress.drained.wait()
             await self._checkpoint(owned, SHARD_END)
             self.history.append(("end", owned.shard_id))
-            del self.owned[owned.shard_id]
-            self._metrics.shards_owned.set(len(self.owned))
+            self._let_go(owned.shard_id)
             self._wake.set()
         except LeaseLostError:
             self._drop(owned)
@@ -221,8 +220,7 @@ class ShardSupervisor:
 
     def _drop(self, owned: OwnedShard) -> None:
         log.warning("lease lost, no longer reading shard", extra={"shard": owned.shard_id})
-        self.owned.pop(owned.shard_id, None)
-        self._metrics.shards_owned.set(len(self.owned))
+        self._let_go(owned.shard_id)
         if owned.task is not None and owned.task is not asyncio.current_task():
             owned.task.cancel()
 
@@ -262,8 +260,15 @@ class ShardSupervisor:
                 await self._leases.release(owned.lease)
             except Exception:
                 log.exception("could not release lease", extra={"shard": owned.shard_id})
-        self.owned.clear()
-        self._metrics.shards_owned.set(0)
+            self._let_go(owned.shard_id)
+
+    def _let_go(self, shard_id: str) -> None:
+        """Forget a shard no longer read here, and its lag series: a stale lag left behind by
+        a shard that ended or moved to another replica would keep a lag alert firing."""
+        self.owned.pop(shard_id, None)
+        self._metrics.shards_owned.set(len(self.owned))
+        with contextlib.suppress(KeyError):
+            self._metrics.behind_latest.remove(shard_id)
 
     def failed_task(self) -> BaseException | None:
         for owned in list(self.owned.values()):
