@@ -63,3 +63,25 @@ async def test_bad_records_go_to_the_sqs_queue_with_their_context(
     assert letter["shard_id"] == results[0]["ShardId"]
     assert letter["sequence_number"] == results[0]["SequenceNumber"]
     assert "StatusTime" in by_data['{"Name": "NoTime"}']["reason"]
+
+
+async def test_large_dead_letters_are_split_across_sqs_batches(
+    resources: Settings, sqs_endpoint: str, kinesis: Any
+) -> None:
+    # Five 100 KB records: each fits in a message, but not all in one 256 KiB batch.
+    bad = [bytes([ord("a") + i]) * 100_000 for i in range(5)]
+    async with client("sqs") as sqs:
+        queue_url = (await sqs.create_queue(QueueName="wildrydes-deadletter"))["QueueUrl"]
+        settings = resources.replace(deadletter_file="", deadletter_queue_url=queue_url)
+        await put_records(kinesis, settings.stream_name, bad)
+
+        async with Service(settings) as service:
+            await service.run_burst()
+
+        received: set[str] = set()
+        while True:
+            response = await sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
+            if not response.get("Messages"):
+                break
+            received.update(json.loads(m["Body"])["data"] for m in response["Messages"])
+    assert received == {record.decode() for record in bad}

@@ -75,11 +75,11 @@ class SqsDestination:
         self._max_attempts = max_attempts
 
     async def send(self, letters: list[DeadLetter]) -> None:
-        for start in range(0, len(letters), SQS_BATCH):
-            await self._send_batch(letters[start : start + SQS_BATCH])
+        for batch in _batches([_sqs_body(letter) for letter in letters]):
+            await self._send_batch(batch)
 
-    async def _send_batch(self, letters: list[DeadLetter]) -> None:
-        entries = {str(i): _sqs_body(letter) for i, letter in enumerate(letters)}
+    async def _send_batch(self, bodies: list[str]) -> None:
+        entries = {str(i): body for i, body in enumerate(bodies)}
         for attempt in range(self._max_attempts):
             response = await self._client.send_message_batch(
                 QueueUrl=self._queue_url,
@@ -91,6 +91,20 @@ class SqsDestination:
                 return
             await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
         raise RuntimeError(f"SQS refused {len(entries)} dead letters after retries")
+
+
+def _batches(bodies: list[str]) -> list[list[str]]:
+    """SendMessageBatch takes 10 messages and SQS_MAX_BODY bytes in all, whichever comes first."""
+    batches: list[list[str]] = []
+    size = 0
+    for body in bodies:
+        length = len(body.encode())
+        if not batches or len(batches[-1]) == SQS_BATCH or size + length > SQS_MAX_BODY:
+            batches.append([])
+            size = 0
+        batches[-1].append(body)
+        size += length
+    return batches
 
 
 def _sqs_body(letter: DeadLetter) -> str:
