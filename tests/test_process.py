@@ -316,6 +316,18 @@ async def test_metrics_port_in_use_is_one_line_naming_the_setting(
     assert "WILDRYDES_HTTP_PORT" in stderr
 
 
+async def test_unwritable_dead_letter_file_is_one_line_naming_the_setting(
+    resources: Settings, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    missing_dir = tmp_path / "no-such-dir" / "deadletter.jsonl"
+    env = service_env(resources, aws_env, deadletter_file=str(missing_dir))
+    code, _, stderr = await run_to_exit(env, "run")
+    assert code == 1
+    assert stderr.splitlines() == [stderr.strip()], stderr
+    assert str(missing_dir) in stderr
+    assert "WILDRYDES_DEADLETTER_FILE" in stderr
+
+
 # 5. /readyz, /healthz and /metrics from the running process.
 
 

@@ -82,10 +82,10 @@ class Service:
         await self.http.start()
         try:
             clients = await self._clients.__aenter__()
+            deadletters = DeadLetters(self._destinations(clients), self.metrics)
             await self._check_resources(clients)
             leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
             await leases.ensure_table()
-            deadletters = DeadLetters(self._destinations(clients), self.metrics)
             self.pool = WriterPool(
                 clients.dynamodb_data, s, deadletters, self.metrics, self._finished, self._fail
             )

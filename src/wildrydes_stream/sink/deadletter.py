@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import DeadLetter
 
@@ -53,6 +54,15 @@ class FileDestination:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = asyncio.Lock()
+        try:
+            # Found out at start, not when the first bad record arrives.
+            with self.path.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise WildrydesError(
+                f"cannot write the dead-letter file {self.path}: {exc.strerror}; set "
+                "deadletter_file (WILDRYDES_DEADLETTER_FILE) to a writable path"
+            ) from None
 
     async def send(self, letters: list[DeadLetter]) -> None:
         text = "".join(entry_json(letter) + "\n" for letter in letters)
