@@ -28,7 +28,7 @@ from bench.canned import Canned, make_iterator, parse_iterator
 from wildrydes_stream import aws
 from wildrydes_stream.aws import AwsClients
 from wildrydes_stream.config import ENV_PREFIX, Settings, load_settings
-from wildrydes_stream.records import status_time_to_epoch_ms
+from wildrydes_stream.records import METRIC_FIELDS, status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 
 CLIENTS = ("fast", "botocore", "botocore-novalidate", "null")
@@ -154,13 +154,7 @@ def lambda_item(record: dict[str, Any]) -> dict[str, Any]:
         "Name": {"S": record["Name"]},
         "StatusTime": {"N": str(status_time_to_epoch_ms(record["StatusTime"]))},
     }
-    for field in (
-        "Distance",
-        "MinMagicPoints",
-        "MaxMagicPoints",
-        "MinHealthPoints",
-        "MaxHealthPoints",
-    ):
+    for field in METRIC_FIELDS:
         item[field] = {"N": str(record[field])}
     return item
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,26 +38,35 @@ Key = tuple[str, str]
 
 # The `kinesis` and `dynamodb` fixtures are requested first so the test's own clients keep
 # talking to the emulators directly: only the service, created later, goes through the proxy.
+@asynccontextmanager
+async def _proxy_for(
+    upstream: str, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy(upstream)
+    await proxy.start()
+    monkeypatch.setenv(variable, proxy.endpoint)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 @pytest.fixture
 async def dynamodb_proxy(
     emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(emulators.dynamodb.endpoint)
-    await proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.endpoint)
-    yield proxy
-    await proxy.close()
+    endpoint = emulators.dynamodb.endpoint
+    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_DYNAMODB", monkeypatch) as proxy:
+        yield proxy
 
 
 @pytest.fixture
 async def kinesis_proxy(
     emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(emulators.kinesis.endpoint)
-    await proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_KINESIS", proxy.endpoint)
-    yield proxy
-    await proxy.close()
+    endpoint = emulators.kinesis.endpoint
+    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_KINESIS", monkeypatch) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import put_records, scan_table, unicorn_records
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
-from wildrydes_stream.records import status_time_to_epoch_ms
+from wildrydes_stream.records import METRIC_FIELDS, status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 
 pytestmark = [pytest.mark.usefixtures("shadowfax_available")]
@@ -35,13 +35,7 @@ async def test_every_record_of_a_multi_shard_stream_lands_with_the_item_shape(
         key = (record["Name"], str(status_time_to_epoch_ms(record["StatusTime"])))
         item = by_key[key]
         assert set(item) == set(record)
-        for field in (
-            "Distance",
-            "MinMagicPoints",
-            "MaxMagicPoints",
-            "MinHealthPoints",
-            "MaxHealthPoints",
-        ):
+        for field in METRIC_FIELDS:
             assert item[field] == {"N": str(record[field])}
     shards = {
         (await kinesis.list_shards(StreamName=resources.stream_name))["Shards"][i]["ShardId"]
