@@ -177,3 +177,24 @@ async def _counter(table: LeaseTable, shard: str) -> int:
 
 async def _counter_above(table: LeaseTable, shard: str, value: int) -> bool:
     return await _counter(table, shard) > value
+
+
+async def test_the_leases_of_trimmed_shards_are_deleted_and_no_others(
+    resources: Settings, dynamodb: Any
+) -> None:
+    other = LeaseTable(dynamodb, resources.lease_table_name, "previous-worker")
+    await other.ensure_table()
+    # A finished shard Kinesis no longer lists, and one still in flight elsewhere.
+    for shard_id, checkpoint in (("shardId-trimmed", "SHARD_END"), ("shardId-unlisted", "42")):
+        lease = await other.acquire(shard_id, (), "TRIM_HORIZON", _always)
+        assert lease is not None
+        await other.checkpoint(lease, checkpoint)
+        await other.release(lease)
+
+    async with Service(resources) as service:
+        await service.run_burst()
+
+    leases = await other.all()
+    assert "shardId-trimmed" not in leases
+    assert leases["shardId-unlisted"].checkpoint == "42"
+    assert len(leases) == 5  # the stream's four shards and the unlisted one

@@ -94,6 +94,7 @@ class ShardSupervisor:
             self._note(known)
         started = []
         finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
+        await self._forget_trimmed(finished - {shard.shard_id for shard in shards})
         readable = readable_shards(shards, finished)
         for shard in readable:
             if shard.shard_id in self.owned or self._stopping.is_set():
@@ -118,6 +119,15 @@ class ShardSupervisor:
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
+
+    async def _forget_trimmed(self, shard_ids: set[str]) -> None:
+        """Delete the leases of finished shards Kinesis no longer lists (trimmed after the
+        stream's retention), as KCL does, so the lease table does not grow with every reshard.
+        Their children treat an unlisted parent as done, so nothing waits on these leases."""
+        for shard_id in sorted(shard_ids):
+            if await self._leases.delete_finished(shard_id):
+                self._seen.pop(shard_id, None)
+                log.info("deleted the lease of a trimmed shard", extra={"shard": shard_id})
 
     async def _steal_one(self, candidates: list[Lease]) -> str | None:
         """Take one lease from a worker holding more than its share, if we hold less."""

@@ -222,6 +222,22 @@ class LeaseTable:
                 raise LeaseLostError(lease.shard_id) from None
             raise
 
+    async def delete_finished(self, shard_id: str) -> bool:
+        """Remove a lease at SHARD_END (its shard has been trimmed away); False if it is not."""
+        try:
+            await self._client.delete_item(
+                TableName=self.table_name,
+                Key={"leaseKey": {"S": shard_id}},
+                ConditionExpression="#cp = :end",
+                ExpressionAttributeNames={"#cp": "checkpoint"},
+                ExpressionAttributeValues={":end": {"S": SHARD_END}},
+            )
+        except ClientError as exc:
+            if _is_conditional_failure(exc):
+                return False
+            raise
+        return True
+
     async def release(self, lease: Lease) -> None:
         """Give the lease up so another worker can take it at once."""
 
