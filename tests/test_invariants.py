@@ -571,3 +571,46 @@ async def test_a_checkpoint_cancelled_in_flight_does_not_lose_the_lease(
     stored = await leases.get(lease.shard_id)
     assert stored is not None
     assert (stored.checkpoint, stored.owner) == ("200", None)
+
+
+async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
+    settings: Settings, kinesis: Any, dynamodb: Any, running: list[Service]
+) -> None:
+    await ensure_stream(kinesis, settings.stream_name, 2)
+    await ensure_table(dynamodb, settings)
+    stream = settings.stream_name
+    parents = sorted(s["ShardId"] for s in (await kinesis.list_shards(StreamName=stream))["Shards"])
+    service = Service(settings)
+    running.append(service)
+    await service.start()
+
+    put: list[ItemKey] = []
+
+    async def put_round(minutes: range) -> list[dict[str, Any]]:
+        records = [_minute(minute, name) for name in UNICORNS for minute in minutes]
+        put.extend(_key(record) for record in records)
+        return await put_records(kinesis, stream, records)
+
+    before = await put_round(range(0, 30))
+    assert {r["ShardId"] for r in before} == set(parents)  # both parents carry records
+    await kinesis.merge_shards(
+        StreamName=stream, ShardToMerge=parents[0], AdjacentShardToMerge=parents[1]
+    )
+    after: list[dict[str, Any]] = []
+    for start in range(30, 600, 30):  # until the merge has taken effect
+        after = await put_round(range(start, start + 30))
+        if not {r["ShardId"] for r in after} & set(parents):
+            break
+    (child,) = {r["ShardId"] for r in after}
+
+    async def everything_written() -> bool:
+        return len(await scan_table(dynamodb, settings.table_name)) == len(set(put))
+
+    await wait_for(everything_written, timeout=30)
+    history = service.supervisor.history if service.supervisor else []
+    started = history.index(("start", child))
+    for parent in parents:
+        assert history.index(("end", parent)) < started
+    leases = await LeaseTable(dynamodb, settings.lease_table_name, "reader").all()
+    assert [leases[parent].checkpoint for parent in parents] == [SHARD_END, SHARD_END]
+    assert set(leases[child].parents) == set(parents)
