@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -134,10 +135,12 @@ class ShardSupervisor:
         if self._stopping.is_set():
             return None
         me = self._leases.owner
-        for candidate in candidates:  # what we took just now is ours, whatever the scan said
-            if candidate.shard_id in self.owned:
-                candidate.owner = me
-        victim = lease_to_steal(candidates, me, self._expired)
+        # What we took earlier in this round is ours, whatever the scan said.
+        current = [
+            dataclasses.replace(lease, owner=me) if lease.shard_id in self.owned else lease
+            for lease in candidates
+        ]
+        victim = lease_to_steal(current, me, self._expired)
         if victim is None:
             return None
         owner, counter = victim.owner, victim.counter
@@ -145,7 +148,9 @@ class ShardSupervisor:
         def unchanged(current: Lease) -> bool:
             return current.owner == owner and current.counter == counter
 
-        lease = await self._leases.acquire(victim.shard_id, victim.parents, "", unchanged)
+        lease = await self._leases.acquire(
+            victim.shard_id, victim.parents, victim.checkpoint, unchanged
+        )
         if lease is None or lease.at_shard_end:
             return None
         log.info("took lease to balance", extra={"shard": lease.shard_id, "from": owner})
@@ -279,15 +284,6 @@ class ShardSupervisor:
         self._metrics.shards_owned.set(len(self.owned))
         with contextlib.suppress(KeyError):
             self._metrics.behind_latest.remove(shard_id)
-
-    def failed_task(self) -> BaseException | None:
-        for owned in list(self.owned.values()):
-            task = owned.task
-            if task is not None and task.done() and not task.cancelled():
-                exc = task.exception()
-                if exc is not None:
-                    return exc
-        return None
 
     async def wait_caught_up(self) -> None:
         """Every owned shard had an empty poll or ended (burst runs)."""

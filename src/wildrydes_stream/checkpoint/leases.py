@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 SHARD_END: Final = "SHARD_END"
 TRIM_HORIZON: Final = "TRIM_HORIZON"
-SENTINELS: Final = frozenset({"TRIM_HORIZON", "LATEST", "AT_TIMESTAMP", SHARD_END})
 
 
 @dataclass(slots=True)

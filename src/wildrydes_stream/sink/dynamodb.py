@@ -61,11 +61,7 @@ class WriterPool:
     async def put(self, envelope: Envelope) -> None:
         # hash() of a tuple of str is fixed for the life of the process, which is all routing
         # needs: one key always goes to the same writer.
-        queue = self._queues[hash(envelope.key) % len(self._queues)]
-        if queue.full():
-            await queue.put(envelope)
-        else:
-            queue.put_nowait(envelope)
+        await self._queues[hash(envelope.key) % len(self._queues)].put(envelope)
 
     def start(self) -> None:
         if not self._tasks:
