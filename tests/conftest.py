@@ -100,6 +100,14 @@ async def resources(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings
     return settings
 
 
+@pytest.fixture
+async def one_shard(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings:
+    """A 1-shard stream and the item table, so every record of a test is on one shard."""
+    await ensure_stream(kinesis, settings.stream_name, 1)
+    await ensure_table(dynamodb, settings)
+    return settings
+
+
 @pytest.fixture(scope="session")
 def shadowfax_available() -> None:
     if not SHADOWFAX.exists():

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aiobotocore.session import get_session
+
+from wildrydes_stream.local.fleet import Unicorn
 
 SHARED_DATA = Path(
     os.environ.get("WILDRYDES_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")
@@ -22,6 +27,22 @@ SHADOWFAX = SHARED_DATA / "shadowfax-2016-02-12.json"
 def read_shadowfax() -> list[dict[str, Any]]:
     with SHADOWFAX.open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+@functools.cache
+def _unicorn_day() -> tuple[dict[str, Any], ...]:
+    if SHADOWFAX.exists():
+        return tuple(read_shadowfax())
+    # A clone without the workshop data beside it: the same day from the producer model.
+    unicorn = Unicorn("Shadowfax", random.Random(20160212))
+    start = datetime(2016, 2, 12, tzinfo=UTC)
+    return tuple(unicorn.minute(start + timedelta(minutes=m)) for m in range(1440))
+
+
+def unicorn_day() -> list[dict[str, Any]]:
+    """One day of Shadowfax's aggregates: the workshop's real records when they are beside
+    the checkout (../shared/data), else the same shape from the simulated fleet's model."""
+    return list(_unicorn_day())
 
 
 @asynccontextmanager
@@ -74,5 +95,5 @@ async def wait_for(
 
 def unicorn_records(names: Iterable[str], minutes: int) -> list[dict[str, Any]]:
     """Aggregates for several unicorns: the real Shadowfax day, renamed per unicorn."""
-    day = read_shadowfax()[:minutes]
+    day = unicorn_day()[:minutes]
     return [{**record, "Name": name} for name in names for record in day]

@@ -26,7 +26,6 @@ from tests.faultproxy import (
 from tests.helpers import put_records, scan_table, wait_for
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
-from wildrydes_stream.provision import ensure_stream, ensure_table
 from wildrydes_stream.records import status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 
@@ -67,14 +66,6 @@ async def kinesis_proxy(
     endpoint = emulators.kinesis.endpoint
     async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_KINESIS", monkeypatch) as proxy:
         yield proxy
-
-
-@pytest.fixture
-async def one_shard(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings:
-    """A 1-shard stream, for tests that reason about one shard's reads and checkpoint."""
-    await ensure_stream(kinesis, settings.stream_name, 1)
-    await ensure_table(dynamodb, settings)
-    return settings
 
 
 def make_records(

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import put_records, read_shadowfax, scan_table, wait_for
+from tests.helpers import put_records, scan_table, unicorn_day, wait_for
 from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.provision import ensure_stream, ensure_table
@@ -30,17 +30,9 @@ from wildrydes_stream.records import ItemKey, status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 from wildrydes_stream.sink.dynamodb import Batch, BatchWriter
 
-pytestmark = [pytest.mark.usefixtures("shadowfax_available"), pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 UNICORNS = ("Shadowfax", "Rocinante", "Bucephalus", "Pegasus", "Epona", "Artax")
-
-
-@pytest.fixture
-async def one_shard(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings:
-    """A 1-shard stream and the item table, so every record of a test is on one shard."""
-    await ensure_stream(kinesis, settings.stream_name, 1)
-    await ensure_table(dynamodb, settings)
-    return settings
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -48,7 +40,7 @@ async def one_shard(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings
 
 @functools.cache
 def _day() -> tuple[dict[str, Any], ...]:
-    return tuple(read_shadowfax())
+    return tuple(unicorn_day())
 
 
 def _minute(minute: int, name: str = "Shadowfax", **fields: Any) -> dict[str, Any]:

@@ -11,10 +11,7 @@ from wildrydes_stream.checkpoint.balancing import fair_share, lease_to_steal
 from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import LeaseLostError
-from wildrydes_stream.provision import ensure_stream, ensure_table
 from wildrydes_stream.service import Service
-
-pytestmark = pytest.mark.usefixtures("shadowfax_available")
 
 
 def _always(_: object) -> bool:
@@ -107,10 +104,9 @@ async def test_two_workers_split_the_shards_and_one_takes_all_when_the_other_sto
 
 
 async def test_a_renewed_lease_is_not_taken_until_it_is_released(
-    settings: Settings, kinesis: Any, dynamodb: Any
+    one_shard: Settings, dynamodb: Any
 ) -> None:
-    await ensure_stream(kinesis, settings.stream_name, 1)
-    await ensure_table(dynamodb, settings)
+    settings = one_shard
     fast_expiry = settings.replace(lease_duration_seconds=0.3)
     reader = LeaseTable(dynamodb, settings.lease_table_name, "reader")
     async with Service(fast_expiry.replace(worker_id="holder")) as holder:
@@ -125,11 +121,9 @@ async def test_a_renewed_lease_is_not_taken_until_it_is_released(
 
 
 async def test_an_expired_lease_is_taken_over(
-    settings: Settings, kinesis: Any, dynamodb: Any
+    one_shard: Settings, kinesis: Any, dynamodb: Any
 ) -> None:
-    await ensure_stream(kinesis, settings.stream_name, 1)
-    await ensure_table(dynamodb, settings)
-    settings = settings.replace(worker_id="survivor", lease_duration_seconds=0.5)
+    settings = one_shard.replace(worker_id="survivor", lease_duration_seconds=0.5)
     records = unicorn_records(("Pegasus",), minutes=50)
     await put_records(kinesis, settings.stream_name, records)
     ghost = LeaseTable(dynamodb, settings.lease_table_name, "ghost")

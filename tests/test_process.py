@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Emulators
-from tests.helpers import put_records, read_shadowfax, scan_table, unicorn_records, wait_for
+from tests.helpers import put_records, scan_table, unicorn_day, unicorn_records, wait_for
 from tests.process import (
     PYTHON,
     ServiceProcess,
@@ -152,7 +152,7 @@ async def test_sigterm_drains_checkpoints_the_last_record_releases_leases_and_ex
 async def test_restart_after_sigkill_resumes_from_the_checkpoint_and_loses_nothing(
     resources: Settings, aws_env: dict[str, str], kinesis: Any, dynamodb: Any, spawn: Spawn
 ) -> None:
-    day = read_shadowfax()
+    day = unicorn_day()
     first = [{**r, "Name": name} for name in UNICORNS for r in day[:100]]
     second = [{**r, "Name": name} for name in UNICORNS for r in day[100:150]]
     results = await put_records(kinesis, resources.stream_name, first)
