@@ -289,7 +289,7 @@ async def test_an_item_the_table_refuses_is_dead_lettered_and_its_batch_written(
 async def test_writes_past_the_retry_budget_are_dead_lettered_and_the_shard_moves_on(
     one_shard: Settings, dynamodb_proxy: FaultProxy, kinesis: Any, dynamodb: Any
 ) -> None:
-    settings = one_shard.replace(write_max_attempts=3)
+    settings = one_shard.replace(max_retry_attempts=2)
     blocked = make_records(40, names=("Blocked",))
     later = make_records(40, names=("Freed",))
     dynamodb_proxy.fail("BatchWriteItem", DYNAMODB_THROTTLED, times=None)
@@ -312,9 +312,10 @@ async def test_writes_past_the_retry_budget_are_dead_lettered_and_the_shard_move
         await wait_for(later_written, timeout=20)
         throttled = dynamodb_proxy.injected["BatchWriteItem"]
         assert sample(service, "wildrydes_throttles_total", api="BatchWriteItem") == throttled
-        # Every batch of the blocked records was tried exactly write_max_attempts times.
-        assert throttled % settings.write_max_attempts == 0
-        assert throttled >= settings.write_max_attempts
+        # Every batch of the blocked records was tried exactly 1 + max_retry_attempts times.
+        tries = 1 + settings.max_retry_attempts
+        assert throttled % tries == 0
+        assert throttled >= tries
 
     letters = dead_letters(settings)
     assert sorted(int(x["sequence_number"]) for x in letters) == sorted(

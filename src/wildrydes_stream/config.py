@@ -107,11 +107,34 @@ class Settings:
         minimum=0.0,
         maximum=10.0,
     )
-    write_max_attempts: int = _setting(
-        12,
-        "Attempts to write an item (throttling, unprocessed, 5xx) before it is dead-lettered.",
-        minimum=1,
-        maximum=1000,
+    max_retry_attempts: int = _setting(
+        -1,
+        "Retries of a failed write (any fault that is not the record's own) before its records "
+        "are dead-lettered; -1 retries for as long as the fault lasts (Lambda's "
+        "MaximumRetryAttempts).",
+        minimum=-1,
+        maximum=10000,
+    )
+    max_record_age_seconds: float = _setting(
+        -1.0,
+        "A record whose write keeps failing is dead-lettered once it is older than this (from "
+        "its arrival in Kinesis); -1 never (Lambda's MaximumRecordAgeInSeconds).",
+        minimum=-1.0,
+        maximum=604800.0,
+    )
+    max_write_units_per_second: float = _setting(
+        0.0,
+        "Write capacity units a second the writers may use in all (for a provisioned table); "
+        "0 means no budget: throttling alone adapts the rate.",
+        minimum=0.0,
+        maximum=1_000_000.0,
+    )
+    max_buffered_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "Bytes of record data held in memory in all (GetRecords pages and the writer queues); "
+        "pollers fetch no more while it is reached.",
+        minimum=1024,
+        maximum=64 * 1024**3,
     )
     backoff_base_seconds: float = _setting(
         0.05,
@@ -150,6 +173,18 @@ class Settings:
         "JSON-lines file for dead letters; empty disables it (then set deadletter_queue_url).",
     )
     deadletter_queue_url: str = _setting("", "SQS queue URL for dead letters; empty disables it.")
+    deadletter_s3_uri: str = _setting(
+        "",
+        "`s3://bucket/prefix` for dead letters, one object per batch, any record size; empty "
+        "disables it.",
+    )
+    blocked_log_interval_seconds: float = _setting(
+        30.0,
+        "While writes fail for a reason retrying alone will not fix (permissions, credentials, "
+        "a missing table), how often the cause is logged again.",
+        minimum=0.1,
+        maximum=3600.0,
+    )
     log_format: LogFormat = _setting("json", "Log lines: `json` (one object a line) or `text`.")
     log_level: LogLevel = _setting("INFO", "Least level logged: DEBUG, INFO, WARNING, ERROR.")
 
@@ -250,11 +285,19 @@ def _validate(settings: Settings) -> Settings:
             "setting starting_timestamp is required when starting_position is AT_TIMESTAMP"
         )
     settings.starting_datetime()
-    if not settings.deadletter_file and not settings.deadletter_queue_url:
+    if not (
+        settings.deadletter_file or settings.deadletter_queue_url or settings.deadletter_s3_uri
+    ):
         raise ConfigError(
-            "settings deadletter_file and deadletter_queue_url are both empty: "
+            "settings deadletter_file, deadletter_queue_url and deadletter_s3_uri are all empty: "
             "dead letters need somewhere to go"
         )
+    if settings.deadletter_s3_uri and not settings.deadletter_s3_uri.startswith("s3://"):
+        raise ConfigError(
+            f"setting deadletter_s3_uri: {settings.deadletter_s3_uri!r} is not s3://bucket/prefix"
+        )
+    if -1 < settings.max_record_age_seconds < 0:
+        raise ConfigError("setting max_record_age_seconds must be -1 (never) or at least 0")
     if settings.backoff_max_seconds < settings.backoff_base_seconds:
         raise ConfigError("setting backoff_max_seconds is below backoff_base_seconds")
     return settings

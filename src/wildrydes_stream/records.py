@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from wildrydes_stream.config import StatusTimeFormat
 from wildrydes_stream.errors import RecordError
@@ -33,6 +33,19 @@ METRIC_FIELDS: Final = (
 _STATUS_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z?")
 
 
+class Tenure(Protocol):
+    """One holding of a shard's lease: where a finished record is acknowledged.
+
+    Each take of a lease starts a new tenure. When the lease is lost the tenure is fenced:
+    its records still queued are dropped unwritten (the new owner writes them) and late
+    acknowledgements land on the old tenure, never on a later checkpoint.
+    """
+
+    @property
+    def fenced(self) -> bool: ...
+    def finish(self, sequence: int) -> None: ...
+
+
 @dataclass(slots=True)
 class Envelope:
     """One record on its way through the pipeline, with what is needed to checkpoint it."""
@@ -43,6 +56,7 @@ class Envelope:
     item: Item
     arrival: float  # ApproximateArrivalTimestamp, epoch seconds
     data: bytes  # the raw record, kept for the dead-letter destination
+    tenure: Tenure  # the lease tenure the record was read under; acks go there
 
 
 # One decoder for every record: json.loads with parse_float would build a new one each call.

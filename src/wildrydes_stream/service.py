@@ -24,7 +24,6 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.observability.http import HealthServer
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import Envelope
 from wildrydes_stream.sink.deadletter import (
     DeadLetters,
     Destination,
@@ -86,9 +85,7 @@ class Service:
             await self._check_resources(clients)
             leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
             await leases.ensure_table()
-            self.pool = WriterPool(
-                clients.dynamodb_data, s, deadletters, self.metrics, self._finished, self._fail
-            )
+            self.pool = WriterPool(clients.dynamodb_data, s, deadletters, self.metrics, self._fail)
             self.supervisor = ShardSupervisor(
                 clients.kinesis_data,
                 leases,
@@ -148,12 +145,6 @@ class Service:
                 ) from None
             raise
         _check_sort_key(table["Table"], s)
-
-    def _finished(self, envelope: Envelope) -> None:
-        supervisor = self.supervisor
-        owned = supervisor.owned.get(envelope.shard_id) if supervisor else None
-        if owned is not None:
-            owned.progress.finish(envelope.sequence)
 
     def _fail(self, exc: BaseException) -> None:
         """A stage died of an unexpected error: stop, and exit non-zero."""

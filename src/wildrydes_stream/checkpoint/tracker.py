@@ -17,10 +17,24 @@ class ShardProgress:
         self._pending: deque[int] = deque()
         self._finished: set[int] = set()
         self._ended = False
+        self._fenced = False
         self.checkpoint: int | None = None
         """Highest sequence number of the finished prefix; None until one record finishes."""
         self.drained = asyncio.Event()
         """Set whenever nothing registered is still in flight."""
+        self.drained.set()
+
+    @property
+    def fenced(self) -> bool:
+        """The lease of this tenure was lost: nothing of it may be written or checkpointed."""
+        return self._fenced
+
+    def fence(self) -> None:
+        """Stop counting anything for this tenure; queued records see `fenced` and are dropped,
+        and late acknowledgements are ignored (so nothing is kept for them)."""
+        self._fenced = True
+        self._pending.clear()
+        self._finished.clear()
         self.drained.set()
 
     @property
@@ -39,6 +53,8 @@ class ShardProgress:
 
     def register(self, sequence: int) -> None:
         """A record was read; sequence numbers must arrive in increasing order."""
+        if self._fenced:
+            return
         if self._ended:
             raise RuntimeError(f"shard {self.shard_id} already ended")
         if self._pending and sequence <= self._pending[-1]:
@@ -48,6 +64,8 @@ class ShardProgress:
 
     def finish(self, sequence: int) -> None:
         """A record is durably written or dead-lettered."""
+        if self._fenced:
+            return
         self._finished.add(sequence)
         pending, finished = self._pending, self._finished
         while pending and pending[0] in finished:

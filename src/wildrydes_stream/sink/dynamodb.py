@@ -26,7 +26,6 @@ from wildrydes_stream.sink.deadletter import DeadLetters
 log = logging.getLogger(__name__)
 
 Batch = dict[ItemKey, list[Envelope]]
-OnFinished = Callable[[Envelope], None]
 
 
 class WriterPool:
@@ -38,7 +37,6 @@ class WriterPool:
         settings: Settings,
         deadletters: DeadLetters,
         metrics: Metrics,
-        on_finished: OnFinished,
         on_failure: Callable[[BaseException], None],
     ) -> None:
         self._on_failure = on_failure
@@ -47,8 +45,7 @@ class WriterPool:
             asyncio.Queue(per_writer) for _ in range(settings.writers)
         ]
         self._writers = [
-            BatchWriter(queue, client, settings, deadletters, metrics, on_finished)
-            for queue in self._queues
+            BatchWriter(queue, client, settings, deadletters, metrics) for queue in self._queues
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics = metrics
@@ -97,7 +94,6 @@ class BatchWriter:
         settings: Settings,
         deadletters: DeadLetters,
         metrics: Metrics,
-        on_finished: OnFinished,
     ) -> None:
         self._queue = queue
         self._client = client
@@ -105,7 +101,6 @@ class BatchWriter:
         self._table = settings.table_name
         self._deadletters = deadletters
         self._metrics = metrics
-        self._on_finished = on_finished
 
     async def run(self) -> None:
         while True:
@@ -157,7 +152,7 @@ class BatchWriter:
                     return
                 self._count_failure("BatchWriteItem", exc)
                 attempt += 1
-                if attempt >= self._settings.write_max_attempts:
+                if self._out_of_retries(attempt):
                     await self._dead_letter(batch, pending, "write retries exhausted", "retries")
                     return
                 await self._sleep(attempt)
@@ -170,7 +165,7 @@ class BatchWriter:
             if pending:
                 self._metrics.unprocessed_retried.inc(len(pending))
                 attempt += 1
-                if attempt >= self._settings.write_max_attempts:
+                if self._out_of_retries(attempt):
                     await self._dead_letter(batch, pending, "unprocessed after retries", "retries")
                     return
                 await self._sleep(attempt)
@@ -188,12 +183,11 @@ class BatchWriter:
     def _finish(self, batch: Batch, keys: list[ItemKey]) -> None:
         if not keys:
             return
-        on_finished = self._on_finished
         written = 0
         oldest = math.inf
         for key in keys:
             for envelope in batch[key]:
-                on_finished(envelope)
+                envelope.tenure.finish(envelope.sequence)
                 oldest = min(oldest, envelope.arrival)
                 written += 1
         # One observation per acknowledged write, for its oldest record: the latency that
@@ -214,7 +208,11 @@ class BatchWriter:
         await self._deadletters.send(letters)
         for key in pending:
             for envelope in batch[key]:
-                self._on_finished(envelope)
+                envelope.tenure.finish(envelope.sequence)
+
+    def _out_of_retries(self, failures: int) -> bool:
+        cap = self._settings.max_retry_attempts
+        return cap >= 0 and failures > cap
 
     def _count_failure(self, api: str, exc: Exception) -> None:
         if is_throttle(exc):

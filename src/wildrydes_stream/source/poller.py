@@ -36,6 +36,8 @@ SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
 class Progress(Protocol):
     """What the poller tells the shard's checkpoint tracker."""
 
+    @property
+    def fenced(self) -> bool: ...
     def register(self, sequence: int) -> None: ...
     def finish(self, sequence: int) -> None: ...
     def end(self) -> None: ...
@@ -132,7 +134,7 @@ class ShardPoller:
                     )
                 )
                 continue
-            await self._dispatch(Envelope(shard_id, sequence, key, item, arrival, data))
+            await self._dispatch(Envelope(shard_id, sequence, key, item, arrival, data, progress))
         self._last_read = records[-1]["SequenceNumber"]
         self._metrics.records_read.labels(shard_id).inc(len(records))
         if bad:
