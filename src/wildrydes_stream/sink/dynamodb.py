@@ -138,6 +138,9 @@ class BatchWriter:
         pending = {key: envelopes[-1].item for key, envelopes in batch.items()}
         attempt = 0
         while pending:
+            batch, pending = _unfenced(batch, pending)
+            if not pending:
+                return
             started = time.perf_counter()
             try:
                 response = await self._client.batch_write_item(
@@ -227,3 +230,16 @@ class BatchWriter:
     async def _sleep(self, attempt: int) -> None:
         s = self._settings
         await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds))
+
+
+def _unfenced(batch: Batch, pending: dict[ItemKey, Any]) -> tuple[Batch, dict[ItemKey, Any]]:
+    """Drop the records of lease tenures that ended: the shard's new owner writes them, and an
+    old write landing after its newer one would undo it. Cheap when nothing is fenced."""
+    if not any(e.tenure.fenced for key in pending for e in batch[key]):
+        return batch, pending
+    kept: Batch = {}
+    for key in pending:
+        live = [e for e in batch[key] if not e.tenure.fenced]
+        if live:
+            kept[key] = live
+    return kept, {key: envelopes[-1].item for key, envelopes in kept.items()}
