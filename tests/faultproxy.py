@@ -12,6 +12,7 @@ the request is forwarded with the upstream's Host and otherwise unchanged.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import uuid
 import zlib
@@ -79,6 +80,11 @@ class FaultProxy:
         """Errors and partial BatchWriteItem answers given, by operation."""
         self.unprocessed_returned = 0
         """Write requests handed back in UnprocessedItems by the proxy."""
+        self.compress_large = False
+        """Answer like DynamoDB: gzip bodies over 1 KiB when the client accepts gzip, with
+        x-amz-crc32 computed over the compressed bytes."""
+        self.compressed = 0
+        """Responses sent gzip-compressed."""
         self._rules: list[_Rule] = []
         self._delays: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -148,6 +154,25 @@ class FaultProxy:
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = await self._answer(request)
+        if self.compress_large and "gzip" in request.headers.get("Accept-Encoding", ""):
+            return self._compressed(response)
+        return response
+
+    def _compressed(self, response: web.Response) -> web.Response:
+        body = response.body
+        if not isinstance(body, bytes) or len(body) <= 1024:
+            return response
+        self.compressed += 1
+        packed = gzip.compress(body)
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        headers["Content-Encoding"] = "gzip"
+        if "x-amz-crc32" in {k.lower() for k in headers}:
+            headers = {k: v for k, v in headers.items() if k.lower() != "x-amz-crc32"}
+            headers["x-amz-crc32"] = str(zlib.crc32(packed))
+        return web.Response(status=response.status, headers=headers, body=packed)
+
+    async def _answer(self, request: web.Request) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
         operation = target.rpartition(".")[2]
         self.calls[operation] += 1

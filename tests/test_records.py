@@ -188,3 +188,26 @@ def test_invalid_records_raise_record_error_saying_what_is_wrong(data: bytes, me
         text = str(caught.value)
         assert message in text
         assert "\n" not in text  # one line, fit for a log field and the dead-letter entry
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "RecursionError"),
+        (b'{"a":' * 2000, "RecursionError"),
+        (_record(Distance=_DROP)[:-1] + b',"Distance":' + b"9" * 5000 + b"}", "digits"),
+        (_record(Distance=10**40 - 1), "Distance does not fit a DynamoDB number"),
+        (_record(Distance=json.loads("1e300")), "Distance does not fit a DynamoDB number"),
+    ],
+    ids=["nested-arrays", "nested-objects", "5000-digit-number", "40-digits", "1e300"],
+)
+def test_records_that_break_the_decoder_are_refused_as_records(data: bytes, reason: str) -> None:
+    # Anything but RecordError would escape the poller and stop the service on every restart.
+    with pytest.raises(RecordError, match=reason):
+        decode_item(data, "epoch_ms")
+
+
+def test_numbers_dynamodb_takes_keep_their_exact_text() -> None:
+    _, item = decode_item(_record(Distance=10**37, MinMagicPoints=-(10**37)), "epoch_ms")
+    assert item["Distance"] == {"N": str(10**37)}
+    assert item["MinMagicPoints"] == {"N": str(-(10**37))}

@@ -128,7 +128,14 @@ class AwsJsonClient:
                     raise aiohttp.ClientPayloadError(
                         f"{operation}: response CRC32 mismatch (expected {expected})"
                     )
-        return orjson.loads(payload)
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            # A 200 that is not JSON (a middlebox's page, a cut-off body) says nothing about the
+            # request: a transport fault, retried like one, never blamed on the items sent.
+            raise aiohttp.ClientPayloadError(
+                f"{operation}: the answer is not JSON ({len(payload)} bytes)"
+            ) from None
 
     async def _signed_headers(self, operation: str, body: bytes) -> dict[str, str]:
         if self._credentials is None:
@@ -188,6 +195,10 @@ class Signer:
             "Authorization": f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
             f"SignedHeaders={signed}, Signature={signature}",
             "User-Agent": USER_AGENT,
+            # aiohttp asks for gzip by default; DynamoDB then computes x-amz-crc32 over the
+            # compressed body, which fails the check after decompression (botocore asks for
+            # identity for the same reason). Not signed, so it changes no signature.
+            "Accept-Encoding": "identity",
         }
         if token:
             headers["X-Amz-Security-Token"] = token

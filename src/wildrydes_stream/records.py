@@ -77,7 +77,21 @@ class DeadLetter:
 
 
 def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
-    """The table item for one record's data, or RecordError saying what is wrong with it."""
+    """The table item for one record's data, or RecordError saying what is wrong with it.
+
+    Nothing else escapes: a record that breaks the decoder itself (RecursionError from ~1,000
+    nested arrays, a number too long for int()) is that record's fault, and must be
+    dead-lettered rather than stop the shard, or every restart would stop on it again.
+    """
+    try:
+        return _decode_item(data, status_time_format)
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(f"cannot be decoded: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
     try:
         body = _JSON.decode(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -142,7 +156,10 @@ def _check_ranges(year: int, month: int, day: int, hour: int, minute: int, secon
 
 def _attribute(field: str, value: Any) -> AttributeValue:
     if type(value) is int:  # the common case, checked first (bool is not int by `type`)
-        return {"N": str(value)}
+        text = str(value)
+        if len(text) > _MAX_NUMBER_DIGITS:
+            _check_precision(field, value)
+        return {"N": text}
     if isinstance(value, bool):
         if field in METRIC_FIELDS:
             raise RecordError(f"{field} is not a number")
@@ -150,6 +167,7 @@ def _attribute(field: str, value: Any) -> AttributeValue:
     if isinstance(value, int | Decimal):
         if isinstance(value, Decimal) and not value.is_finite():
             raise RecordError(f"{field} is not a finite number")
+        _check_precision(field, value)
         return {"N": str(value)}
     if field in METRIC_FIELDS:
         raise RecordError(f"{field} is not a number")
@@ -158,6 +176,24 @@ def _attribute(field: str, value: Any) -> AttributeValue:
     if value is None:
         return {"NULL": True}
     raise RecordError(f"{field} holds a nested value the table does not take")
+
+
+# DynamoDB numbers: up to 38 significant digits, magnitude 1E-130 to 9.9999...E+125. A number
+# outside that is refused by the table; finding it here names the field.
+_MAX_NUMBER_DIGITS: Final = 38
+
+
+def _check_precision(field: str, value: int | Decimal) -> None:
+    number = Decimal(value)
+    if number == 0:
+        return
+    # Not normalize(): it rounds to the context's 28 digits, hiding exactly what is checked.
+    digits = len("".join(map(str, number.as_tuple().digits)).strip("0"))
+    exponent = number.adjusted()
+    if digits > _MAX_NUMBER_DIGITS or not -130 <= exponent <= 125:
+        raise RecordError(
+            f"{field} does not fit a DynamoDB number (38 significant digits, 1E-130 to 1E+126)"
+        )
 
 
 def item_key_of(item: Item) -> ItemKey:

@@ -19,9 +19,11 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
 from wildrydes_stream.aws import AwsClients
+from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
+from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.http import HealthServer
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import (
@@ -56,6 +58,9 @@ class Service:
         self.http: HealthServer | None = None
         self.supervisor: ShardSupervisor | None = None
         self.pool: WriterPool | None = None
+        self.blocked = BlockedCalls(self.metrics, settings.blocked_log_interval_seconds)
+        """APIs failing for a reason an operator must fix: not ready while any is."""
+        self.budget = ByteBudget(settings.max_buffered_bytes)
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -85,7 +90,15 @@ class Service:
             await self._check_resources(clients)
             leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
             await leases.ensure_table()
-            self.pool = WriterPool(clients.dynamodb_data, s, deadletters, self.metrics, self._fail)
+            self.pool = WriterPool(
+                clients.dynamodb_data,
+                s,
+                deadletters,
+                self.metrics,
+                self._fail,
+                blocked=self.blocked,
+                budget=self.budget,
+            )
             self.supervisor = ShardSupervisor(
                 clients.kinesis_data,
                 leases,
@@ -95,6 +108,7 @@ class Service:
                 self.metrics,
                 self._stopping,
                 self._fail,
+                self.budget,
             )
             self.pool.start()
             await self.supervisor.sync()
@@ -163,6 +177,7 @@ class Service:
             and supervisor.synced.is_set()
             and not self._stopping.is_set()
             and self._failure is None
+            and not self.blocked.blocked
         )
 
     async def _supervise(self) -> None:

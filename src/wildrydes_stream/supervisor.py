@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.balancing import lease_to_steal
 from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.checkpoint.tracker import ShardProgress
@@ -54,8 +55,10 @@ class ShardSupervisor:
         metrics: Metrics,
         stopping: asyncio.Event,
         on_failure: Callable[[BaseException], None],
+        budget: ByteBudget | None = None,
     ) -> None:
         self._kinesis = kinesis
+        self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._on_failure = on_failure
         self._leases = leases
         self._settings = settings
@@ -208,6 +211,7 @@ class ShardSupervisor:
             self._deadletters.send,
             self._metrics,
             self._stopping,
+            self._budget,
         )
         owned = OwnedShard(lease, progress, poller)
         owned.task = asyncio.create_task(self._process(owned), name=f"shard-{lease.shard_id}")

@@ -65,6 +65,31 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.write_concurrency_limit = Gauge(
+            "write_concurrency_limit",
+            "BatchWriteItem calls the writers may have in flight: halved on throttling, raised "
+            "by one per window of successful calls, at most the number of writers.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.blocked = Gauge(
+            "blocked",
+            "1 while calls to an API keep failing for a reason that needs an operator "
+            "(permissions, credentials, a missing resource); they are retried meanwhile.",
+            ["api"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.blocked_errors = Counter(
+            "blocked_errors_total",
+            "Calls that failed for a reason that needs an operator, by API and cause.",
+            ["api", "cause"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.blocked.labels("BatchWriteItem").set(0)
+        for cause in ("permission", "credentials", "missing", "other"):
+            self.blocked_errors.labels("BatchWriteItem", cause)
         self.throttles = Counter(
             "throttles_total",
             "Calls AWS answered with a throttling error.",

@@ -3,8 +3,14 @@
 Records are routed by item key to one of several writers, each draining its own bounded queue
 in order, one batch in flight at a time: two records with the same key are therefore written in
 stream order. Within a batch a later record for a key replaces the earlier one (BatchWriteItem
-refuses duplicate keys). Throttling, 5xx and UnprocessedItems are retried with capped backoff;
-an item DynamoDB rejects for itself is isolated from its batch and dead-lettered.
+refuses duplicate keys).
+
+A record is dead-lettered only for a fault of its own: DynamoDB refuses that single item (an
+item the table refuses is isolated from its batch by writing the batch item by item). Every
+other fault (throttling, UnprocessedItems, 5xx, network, permissions, credentials, a missing
+table) is retried with capped backoff for as long as it lasts: the writer holds its batch, the
+queues fill, the pollers stop reading and the checkpoint stays put, until the fault ends or a
+cap the user set (`max_retry_attempts`, `max_record_age_seconds`) is passed.
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.config import Settings
+from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import DeadLetter, Envelope, ItemKey, item_key_of
-from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
+from wildrydes_stream.retry import (
+    BLOCKING_FAULTS,
+    Fault,
+    backoff_delay,
+    describe_error,
+    fault_of,
+)
 from wildrydes_stream.sink.deadletter import DeadLetters
+from wildrydes_stream.sink.pacing import AdaptiveConcurrency, WriteUnitBudget
 
 log = logging.getLogger(__name__)
 
 Batch = dict[ItemKey, list[Envelope]]
+API = "BatchWriteItem"
 
 
 class WriterPool:
@@ -38,19 +54,32 @@ class WriterPool:
         deadletters: DeadLetters,
         metrics: Metrics,
         on_failure: Callable[[BaseException], None],
+        *,
+        blocked: BlockedCalls | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._on_failure = on_failure
         per_writer = max(1, settings.queue_size // settings.writers)
         self._queues: list[asyncio.Queue[Envelope]] = [
             asyncio.Queue(per_writer) for _ in range(settings.writers)
         ]
-        self._writers = [
-            BatchWriter(queue, client, settings, deadletters, metrics) for queue in self._queues
-        ]
+        self.blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
+        self.concurrency = AdaptiveConcurrency(settings.writers)
+        shared = _Shared(
+            client,
+            settings,
+            deadletters,
+            metrics,
+            self.blocked,
+            self.concurrency,
+            WriteUnitBudget(settings.max_write_units_per_second),
+            budget,
+        )
+        self._writers = [BatchWriter(queue, shared) for queue in self._queues]
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics = metrics
         metrics.queue_capacity.set(per_writer * settings.writers)
         metrics.queue_depth.set_function(self.depth)
+        metrics.write_concurrency_limit.set_function(lambda: int(self.concurrency.limit))
 
     def depth(self) -> int:
         return sum(queue.qsize() for queue in self._queues)
@@ -86,21 +115,37 @@ class WriterPool:
                 await task
 
 
-class BatchWriter:
+class _Shared:
+    """What every writer of a pool uses: the client, settings and the pacing state."""
+
     def __init__(
         self,
-        queue: asyncio.Queue[Envelope],
         client: Any,
         settings: Settings,
         deadletters: DeadLetters,
         metrics: Metrics,
+        blocked: BlockedCalls,
+        concurrency: AdaptiveConcurrency,
+        units: WriteUnitBudget,
+        budget: ByteBudget | None,
     ) -> None:
+        self.client = client
+        self.settings = settings
+        self.deadletters = deadletters
+        self.metrics = metrics
+        self.blocked = blocked
+        self.concurrency = concurrency
+        self.units = units
+        self.budget = budget
+
+
+class BatchWriter:
+    def __init__(self, queue: asyncio.Queue[Envelope], shared: _Shared) -> None:
         self._queue = queue
-        self._client = client
-        self._settings = settings
-        self._table = settings.table_name
-        self._deadletters = deadletters
-        self._metrics = metrics
+        self._shared = shared
+        self._settings = shared.settings
+        self._table = shared.settings.table_name
+        self._metrics = shared.metrics
 
     async def run(self) -> None:
         while True:
@@ -108,6 +153,7 @@ class BatchWriter:
             try:
                 await self.write(batch)
             finally:
+                self._release(batch)
                 for _ in range(count):
                     self._queue.task_done()
 
@@ -133,55 +179,103 @@ class BatchWriter:
             batch.setdefault(envelope.key, []).append(envelope)
         return batch, count
 
+    def _release(self, batch: Batch) -> None:
+        """The batch's records leave memory: give their bytes back to the budget."""
+        budget = self._shared.budget
+        if budget is not None:
+            budget.give_back(sum(len(e.data) for envelopes in batch.values() for e in envelopes))
+
     async def write(self, batch: Batch) -> None:
-        """Write every key of the batch (its latest record) or dead-letter it; never raises."""
-        pending = {key: envelopes[-1].item for key, envelopes in batch.items()}
-        attempt = 0
-        while pending:
-            batch, pending = _unfenced(batch, pending)
-            if not pending:
+        """Write every key of the batch (its latest record) or dead-letter it; never raises
+        but for cancellation. Retries whatever is not the items' own fault until it is written
+        or past a cap the user set."""
+        failures = 0
+        last_error = ""
+        while True:
+            batch = _unfenced(batch)
+            if failures:
+                batch = await self._past_age_cap(batch, last_error)
+            if not batch:
                 return
+            if self._out_of_retries(failures):
+                await self._dead_letter(
+                    batch, f"write failed {failures} times: {last_error}", "retries"
+                )
+                return
+            if failures:
+                await self._sleep(failures)
+            pending = {key: envelopes[-1].item for key, envelopes in batch.items()}
+            outcome = await self._call(pending, batch)
+            if isinstance(outcome, BaseException):
+                fault = fault_of(outcome)
+                if fault == "item":
+                    await self._isolate(batch, outcome)
+                    return
+                failures += 1
+                last_error = describe_error(outcome)
+                self._count_failure(outcome, fault)
+                continue
+            left = outcome
+            self._finish(batch, [key for key in batch if key not in left])
+            batch = {key: envelopes for key, envelopes in batch.items() if key in left}
+            if batch:
+                self._metrics.unprocessed_retried.inc(len(batch))
+                failures += 1
+                last_error = f"{len(batch)} items returned unprocessed (throttled)"
+
+    async def _call(self, pending: dict[ItemKey, Any], batch: Batch) -> set[ItemKey] | Exception:
+        """One BatchWriteItem: the keys handed back unprocessed, or the error it failed with."""
+        shared = self._shared
+        await shared.units.spend(_write_units(batch))
+        async with shared.concurrency.slot() as window:
             started = time.perf_counter()
             try:
-                response = await self._client.batch_write_item(
+                response = await shared.client.batch_write_item(
                     RequestItems={
                         self._table: [{"PutRequest": {"Item": item}} for item in pending.values()]
                     }
                 )
             except Exception as exc:
                 self._observe(started, "error")
-                if not is_transient(exc):
-                    await self._isolate(batch, pending, exc)
-                    return
-                self._count_failure("BatchWriteItem", exc)
-                attempt += 1
-                if self._out_of_retries(attempt):
-                    await self._dead_letter(batch, pending, "write retries exhausted", "retries")
-                    return
-                await self._sleep(attempt)
-                continue
-            self._observe(started, "ok")
-            unprocessed = response.get("UnprocessedItems", {}).get(self._table, [])
-            left = {item_key_of(r["PutRequest"]["Item"]) for r in unprocessed}
-            self._finish(batch, [key for key in pending if key not in left])
-            pending = {key: item for key, item in pending.items() if key in left}
-            if pending:
-                self._metrics.unprocessed_retried.inc(len(pending))
-                attempt += 1
-                if self._out_of_retries(attempt):
-                    await self._dead_letter(batch, pending, "unprocessed after retries", "retries")
-                    return
-                await self._sleep(attempt)
+                fault = fault_of(exc)
+                if fault == "throttle":
+                    shared.concurrency.throttled(window)
+                if fault not in BLOCKING_FAULTS:
+                    # Throttling, 5xx, the items' own fault: the API itself is reachable.
+                    shared.blocked.succeeded(API)
+                return exc
+        self._observe(started, "ok")
+        shared.blocked.succeeded(API)
+        unprocessed = response.get("UnprocessedItems", {}).get(self._table, [])
+        if unprocessed:
+            shared.concurrency.throttled(window)
+        else:
+            shared.concurrency.succeeded()
+        return {item_key_of(r["PutRequest"]["Item"]) for r in unprocessed}
 
-    async def _isolate(self, batch: Batch, pending: dict[ItemKey, Any], exc: Exception) -> None:
-        """The request was refused as a whole: find the items at fault by writing one by one."""
-        reason = f"{error_code(exc) or type(exc).__name__}: {exc}"
-        if len(pending) == 1:
-            await self._dead_letter(batch, pending, reason, "rejected_by_table")
+    async def _isolate(self, batch: Batch, exc: Exception) -> None:
+        """The request was refused for what it carried: find the items at fault by writing one
+        by one (each of those retried as any write is)."""
+        reason = describe_error(exc)
+        if len(batch) == 1:
+            await self._dead_letter(batch, reason, "rejected_by_table")
             return
         log.info("batch refused, writing items one by one", extra={"reason": reason})
-        for key in list(pending):
-            await self.write({key: batch[key]})
+        for key, envelopes in batch.items():
+            await self.write({key: envelopes})
+
+    async def _past_age_cap(self, batch: Batch, last_error: str) -> Batch:
+        """Dead-letter the keys whose oldest record is older than max_record_age_seconds."""
+        cap = self._settings.max_record_age_seconds
+        if cap < 0:
+            return batch
+        now = time.time()
+        expired = {k: es for k, es in batch.items() if now - min(e.arrival for e in es) > cap}
+        if not expired:
+            return batch
+        reason = f"older than max_record_age_seconds ({cap:g}) while writes fail: {last_error}"
+        await self._dead_letter(expired, reason, "record_age")
+        return {k: es for k, es in batch.items() if k not in expired}
 
     def _finish(self, batch: Batch, keys: list[ItemKey]) -> None:
         if not keys:
@@ -198,48 +292,74 @@ class BatchWriter:
         self._metrics.end_to_end_seconds.observe(max(0.0, time.time() - oldest))
         self._metrics.records_written.inc(written)
 
-    async def _dead_letter(
-        self, batch: Batch, pending: dict[ItemKey, Any], reason: str, kind: str
-    ) -> None:
+    async def _dead_letter(self, batch: Batch, reason: str, kind: str) -> None:
+        s = self._settings
         letters = [
-            DeadLetter(
-                e.data, reason, kind, self._settings.stream_name, e.shard_id, e.sequence, e.arrival
-            )
-            for key in pending
-            for e in batch[key]
+            DeadLetter(e.data, reason, kind, s.stream_name, e.shard_id, e.sequence, e.arrival)
+            for envelopes in batch.values()
+            for e in envelopes
         ]
-        await self._deadletters.send(letters)
-        for key in pending:
-            for envelope in batch[key]:
+        await self._shared.deadletters.send(letters)
+        for envelopes in batch.values():
+            for envelope in envelopes:
                 envelope.tenure.finish(envelope.sequence)
 
     def _out_of_retries(self, failures: int) -> bool:
         cap = self._settings.max_retry_attempts
         return cap >= 0 and failures > cap
 
-    def _count_failure(self, api: str, exc: Exception) -> None:
-        if is_throttle(exc):
-            self._metrics.throttles.labels(api).inc()
+    def _count_failure(self, exc: Exception, fault: Fault) -> None:
+        metrics = self._metrics
+        if fault == "throttle":
+            metrics.throttles.labels(API).inc()
         else:
-            self._metrics.errors.labels(api).inc()
-        log.debug("retrying %s", api, extra={"error": str(exc)})
+            metrics.errors.labels(API).inc()
+        if fault in BLOCKING_FAULTS:
+            self._shared.blocked.failed(API, fault, self._advice(exc, fault))
+        else:
+            log.debug("retrying %s", API, extra={"error": describe_error(exc)})
+
+    def _advice(self, exc: Exception, fault: Fault) -> str:
+        """What failed and what to change, in one line."""
+        table, error = self._table, describe_error(exc)
+        if fault == "permission":
+            todo = (
+                f"grant dynamodb:BatchWriteItem on table {table} to the service's role "
+                "(config/iam/policy.json)"
+            )
+        elif fault == "credentials":
+            todo = (
+                "check the AWS credentials (IRSA role, AWS_* variables) and the clock; "
+                "records are held until writes succeed"
+            )
+        elif fault == "missing":
+            todo = f"create table {table} or set table_name (WILDRYDES_TABLE_NAME)"
+        else:
+            todo = "records are held and retried; nothing is dead-lettered for it"
+        return f"{error} -> {todo}"
 
     def _observe(self, started: float, outcome: str) -> None:
         self._metrics.batch_write_seconds.labels(outcome).observe(time.perf_counter() - started)
 
-    async def _sleep(self, attempt: int) -> None:
+    async def _sleep(self, failures: int) -> None:
         s = self._settings
-        await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds))
+        await asyncio.sleep(backoff_delay(failures, s.backoff_base_seconds, s.backoff_max_seconds))
 
 
-def _unfenced(batch: Batch, pending: dict[ItemKey, Any]) -> tuple[Batch, dict[ItemKey, Any]]:
+def _write_units(batch: Batch) -> int:
+    """Write capacity units of a batch: one per started KiB of each item, estimated from the
+    record's JSON (within a few bytes of DynamoDB's own count of names and values)."""
+    return sum(len(envelopes[-1].data) // 1024 + 1 for envelopes in batch.values())
+
+
+def _unfenced(batch: Batch) -> Batch:
     """Drop the records of lease tenures that ended: the shard's new owner writes them, and an
     old write landing after its newer one would undo it. Cheap when nothing is fenced."""
-    if not any(e.tenure.fenced for key in pending for e in batch[key]):
-        return batch, pending
+    if not any(e.tenure.fenced for envelopes in batch.values() for e in envelopes):
+        return batch
     kept: Batch = {}
-    for key in pending:
-        live = [e for e in batch[key] if not e.tenure.fenced]
+    for key, envelopes in batch.items():
+        live = [e for e in envelopes if not e.tenure.fenced]
         if live:
             kept[key] = live
-    return kept, {key: envelopes[-1].item for key, envelopes in kept.items()}
+    return kept

@@ -18,14 +18,19 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import DeadLetter, Envelope, decode_item
 from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
-from wildrydes_stream.waiting import wait_or_timeout
+from wildrydes_stream.waiting import wait_any, wait_or_timeout
 
 log = logging.getLogger(__name__)
+
+# Bytes a record is assumed to hold until a shard's first page says otherwise: generous, so a
+# first page of large records cannot overshoot the byte bound by much.
+FIRST_RECORD_SIZE_GUESS = 64 * 1024
 
 Dispatch = Callable[[Envelope], Awaitable[None]]
 """Hands a decoded record to the writers; waits while they are full."""
@@ -54,6 +59,7 @@ class ShardPoller:
         send_dead_letters: SendDeadLetters,
         metrics: Metrics,
         stopping: asyncio.Event,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.shard_id = shard_id
         self._client = client
@@ -63,6 +69,9 @@ class ShardPoller:
         self._send_dead_letters = send_dead_letters
         self._metrics = metrics
         self._stopping = stopping
+        self._budget = budget or ByteBudget(settings.max_buffered_bytes)
+        self._record_size = float(FIRST_RECORD_SIZE_GUESS)
+        """Average bytes a record of this shard, from the pages read (for the byte bound)."""
         self._last_read: str | None = None
         self.caught_up = asyncio.Event()
         """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
@@ -76,23 +85,31 @@ class ShardPoller:
             pause = self._settings.min_poll_interval_seconds - (time.monotonic() - last_call)
             if await wait_or_timeout(self._stopping, pause):
                 break
+            limit = await self._room_for_a_page()
+            if limit == 0:
+                break
             last_call = time.monotonic()
+            reserved = int(limit * self._record_size)
+            self._budget.take(reserved)
             try:
-                response = await self._client.get_records(
-                    ShardIterator=iterator, Limit=self._settings.get_records_limit
-                )
+                response = await self._client.get_records(ShardIterator=iterator, Limit=limit)
             except ClientError as exc:
+                self._budget.give_back(reserved)
                 if error_code(exc) == "ExpiredIteratorException":
                     log.info("iterator expired, renewing", extra={"shard": self.shard_id})
                     iterator = await self._iterator(self._last_read or checkpoint)
                     continue
                 attempt = await self._back_off("GetRecords", exc, attempt)
                 continue
-            except Exception as exc:
+            except BaseException as exc:
+                self._budget.give_back(reserved)
+                if not isinstance(exc, Exception):
+                    raise
                 attempt = await self._back_off("GetRecords", exc, attempt)
                 continue
             attempt = 0
             records = response.get("Records", [])
+            self._hold_page(records, reserved)
             if records:
                 await self._handle(records)
             behind = int(response.get("MillisBehindLatest", 0))
@@ -100,7 +117,7 @@ class ShardPoller:
             iterator = response.get("NextShardIterator")
             if iterator is None:
                 break
-            if behind > 0 or len(records) >= self._settings.get_records_limit:
+            if behind > 0 or len(records) >= limit:
                 continue
             if not records:
                 self.caught_up.set()
@@ -111,7 +128,36 @@ class ShardPoller:
             self._progress.end()
             self.caught_up.set()
 
+    async def _room_for_a_page(self) -> int:
+        """The Limit of the next GetRecords: as many records as fit in the byte bound, after
+        waiting while nothing does; 0 when stopping."""
+        budget = self._budget
+        await wait_any(budget.room, self._stopping)
+        if self._stopping.is_set():
+            return 0
+        return budget.limit_for(self._record_size, self._settings.get_records_limit)
+
+    def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> None:
+        """Swap the page's reservation for its real size, and learn the shard's record size."""
+        size = sum(len(record["Data"]) for record in records)
+        self._budget.give_back(reserved)
+        self._budget.take(size)
+        if records:
+            # Weighted towards the latest page, with 1 KiB as the least (small records).
+            self._record_size = max(1024.0, 0.5 * self._record_size + 0.5 * size / len(records))
+
     async def _handle(self, records: list[dict[str, Any]]) -> None:
+        """Register, decode and dispatch a page in order. Bytes of records dispatched are the
+        writers' to give back; the rest of the page (bad records, or all that was not reached
+        when cancelled) is given back here."""
+        kept = [sum(len(r["Data"]) for r in records)]
+        try:
+            await self._dispatch_page(records, kept)
+        finally:
+            self._budget.give_back(kept[0])
+
+    async def _dispatch_page(self, records: list[dict[str, Any]], kept: list[int]) -> None:
+        """`kept[0]`: bytes of the page not yet handed to the writers."""
         settings, progress, shard_id = self._settings, self._progress, self.shard_id
         bad: list[DeadLetter] = []
         for record in records:
@@ -135,6 +181,7 @@ class ShardPoller:
                 )
                 continue
             await self._dispatch(Envelope(shard_id, sequence, key, item, arrival, data, progress))
+            kept[0] -= len(data)
         self._last_read = records[-1]["SequenceNumber"]
         self._metrics.records_read.labels(shard_id).inc(len(records))
         if bad:
