@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.faultproxy import FaultProxy
 from tests.helpers import SHADOWFAX, client
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
@@ -112,3 +114,36 @@ async def one_shard(settings: Settings, kinesis: Any, dynamodb: Any) -> Settings
 def shadowfax_available() -> None:
     if not SHADOWFAX.exists():
         pytest.skip(f"workshop data not found at {SHADOWFAX} (set WILDRYDES_SHARED_DATA)")
+
+
+# The `kinesis` and `dynamodb` fixtures are requested first so the test's own clients keep
+# talking to the emulators directly: only the service, created later, goes through the proxy.
+@asynccontextmanager
+async def _proxy_for(
+    upstream: str, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy(upstream)
+    await proxy.start()
+    monkeypatch.setenv(variable, proxy.endpoint)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.fixture
+async def dynamodb_proxy(
+    emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FaultProxy]:
+    endpoint = emulators.dynamodb.endpoint
+    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_DYNAMODB", monkeypatch) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def kinesis_proxy(
+    emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FaultProxy]:
+    endpoint = emulators.kinesis.endpoint
+    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_KINESIS", monkeypatch) as proxy:
+        yield proxy

@@ -35,6 +35,8 @@ class AwsError:
     status: int
     type: str
     message: str
+    html: bool = False
+    """Answer `message` as an HTML page (a proxy's or load balancer's), not an AWS JSON body."""
 
 
 DYNAMODB_THROTTLED = AwsError(
@@ -46,6 +48,39 @@ DYNAMODB_THROTTLED = AwsError(
 DYNAMODB_INTERNAL = AwsError(
     500, "com.amazonaws.dynamodb.v20120810#InternalServerError", "Internal server error"
 )
+DYNAMODB_UNAVAILABLE = AwsError(
+    503, "com.amazonaws.dynamodb.v20120810#ServiceUnavailable", "Service Unavailable"
+)
+DYNAMODB_ACCESS_DENIED = AwsError(
+    400,
+    "com.amazon.coral.service#AccessDeniedException",
+    "User: arn:aws:sts::123456789012:assumed-role/wildrydes-stream/pod is not authorized to "
+    "perform: dynamodb:BatchWriteItem on resource: arn:aws:dynamodb:us-east-1:123456789012:"
+    "table/UnicornSensorData because no identity-based policy allows the "
+    "dynamodb:BatchWriteItem action",
+)
+DYNAMODB_TABLE_MISSING = AwsError(
+    400,
+    "com.amazonaws.dynamodb.v20120810#ResourceNotFoundException",
+    "Requested resource not found",
+)
+UNRECOGNIZED_CLIENT = AwsError(
+    400,
+    "com.amazon.coral.service#UnrecognizedClientException",
+    "The security token included in the request is invalid.",
+)
+EXPIRED_TOKEN = AwsError(
+    400,
+    "com.amazon.coral.service#ExpiredTokenException",
+    "The security token included in the request is expired",
+)
+INVALID_SIGNATURE = AwsError(
+    400,
+    "com.amazon.coral.service#InvalidSignatureException",
+    "Signature expired: 20261128T100000Z is now earlier than 20261128T100500Z "
+    "(20261128T101000Z - 5 min.)",
+)
+FORBIDDEN_PAGE = AwsError(403, "", "<html><body><h1>403 Forbidden</h1></body></html>", html=True)
 KINESIS_THROTTLED = AwsError(
     400,
     "ProvisionedThroughputExceededException",
@@ -239,6 +274,8 @@ class FaultProxy:
 
 
 def _error_response(target: str, error: AwsError) -> web.Response:
+    if error.html:
+        return web.Response(status=error.status, text=error.message, content_type="text/html")
     body = json.dumps({"__type": error.type, "message": error.message}).encode()
     return _json_response(error.status, target, body)
 

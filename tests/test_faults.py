@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,42 +28,9 @@ from wildrydes_stream.records import status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 
 if TYPE_CHECKING:
-    from tests.conftest import Emulators
+    pass
 
 Key = tuple[str, str]
-
-
-# The `kinesis` and `dynamodb` fixtures are requested first so the test's own clients keep
-# talking to the emulators directly: only the service, created later, goes through the proxy.
-@asynccontextmanager
-async def _proxy_for(
-    upstream: str, variable: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(upstream)
-    await proxy.start()
-    monkeypatch.setenv(variable, proxy.endpoint)
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-@pytest.fixture
-async def dynamodb_proxy(
-    emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[FaultProxy]:
-    endpoint = emulators.dynamodb.endpoint
-    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_DYNAMODB", monkeypatch) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-async def kinesis_proxy(
-    emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[FaultProxy]:
-    endpoint = emulators.kinesis.endpoint
-    async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_KINESIS", monkeypatch) as proxy:
-        yield proxy
 
 
 def make_records(
