@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,10 @@ def moto_endpoint(aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> I
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its state in this process, across servers: start each test from nothing.
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(reset, timeout=10):
+        pass
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     yield endpoint
