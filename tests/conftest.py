@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -147,3 +148,48 @@ async def kinesis_proxy(
     endpoint = emulators.kinesis.endpoint
     async with _proxy_for(endpoint, "AWS_ENDPOINT_URL_KINESIS", monkeypatch) as proxy:
         yield proxy
+
+
+# --- moto's server (real SQS and S3 protocols) for the dead-letter and redrive tests ---------
+
+
+@pytest.fixture
+def moto_endpoint(aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """One moto server for this test, SQS and S3 pointed at it through the SDK's variables."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its state in this process, across servers: start each test from nothing.
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(reset, timeout=10):
+        pass
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+async def sqs(moto_endpoint: str) -> AsyncIterator[Any]:
+    async with client("sqs") as c:
+        yield c
+
+
+@pytest.fixture
+async def s3(moto_endpoint: str) -> AsyncIterator[Any]:
+    async with client("s3") as c:
+        yield c
+
+
+@pytest.fixture
+async def queue_url(sqs: Any) -> str:
+    return str((await sqs.create_queue(QueueName="wildrydes-deadletter"))["QueueUrl"])
+
+
+@pytest.fixture
+async def bucket(s3: Any) -> str:
+    await s3.create_bucket(Bucket="wildrydes-deadletter")
+    return "wildrydes-deadletter"

@@ -504,20 +504,36 @@ def test_iam_policy_resources_are_the_stream_the_tables_and_the_queue_only() -> 
     table = f"arn:aws:dynamodb:{region}:{account}:table/{settings.table_name}"
     leases = f"arn:aws:dynamodb:{region}:{account}:table/{settings.lease_table_name}"
     queue_arn = f"arn:aws:sqs:{region}:{account}:{queue}"
+    # The S3 destination is optional: the ConfigMap suggests its URI in a comment, and the
+    # policy allows writing under exactly that prefix.
+    suggested = re.search(
+        r"^\s*#\s*WILDRYDES_DEADLETTER_S3_URI:\s*(\S+)$",
+        d.substitute((d.KUBERNETES / "configmap.yaml").read_text()),
+        re.MULTILINE,
+    )
+    assert suggested, "configmap.yaml suggests no WILDRYDES_DEADLETTER_S3_URI"
+    s3_uri = load_settings(environ={"WILDRYDES_DEADLETTER_S3_URI": suggested.group(1)})
+    bucket, _, prefix = s3_uri.deadletter_s3_uri.removeprefix("s3://").partition("/")
+    s3_prefix = f"arn:aws:s3:::{bucket}/{prefix.strip('/')}/*"
 
     actions_on: dict[str, set[str]] = {}
     for statement in statements(iam_policy("policy.json")):
         resources = as_list(statement["Resource"])
         for resource in resources:
-            assert not set("*?") & set(resource), resource
+            # One wildcard only: the objects under the dead-letter prefix (an S3 object ARN
+            # cannot name a prefix otherwise).
+            exact = resource.removesuffix("/*") if resource == s3_prefix else resource
+            assert not set("*?") & set(exact), resource
             service = resource.split(":")[2]
             for action in as_list(statement["Action"]):
                 assert action.split(":")[0] == service, f"{action} on {resource}"
                 actions_on.setdefault(resource, set()).add(action)
-    assert set(actions_on) == {stream, table, leases, queue_arn}
+    assert set(actions_on) == {stream, table, leases, queue_arn, s3_prefix}
     # The item table is only written to: the service never reads, scans or creates it.
     assert actions_on[table] == {"dynamodb:BatchWriteItem", "dynamodb:DescribeTable"}
-    assert actions_on[queue_arn] == {"sqs:SendMessage"}
+    assert actions_on[queue_arn] == {"sqs:GetQueueAttributes", "sqs:SendMessage"}
+    # Dead letters in S3: written only (the start-up check is a PutObject too).
+    assert actions_on[s3_prefix] == {"s3:PutObject"}
     # The only deletion: leases of shards Kinesis has trimmed away, in the lease table.
     deletions = {
         (resource, action)

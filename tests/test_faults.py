@@ -8,6 +8,7 @@ assertions are on the table, the dead-letter file, checkpoints and the service's
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -244,7 +245,7 @@ async def test_an_item_the_table_refuses_is_dead_lettered_and_its_batch_written(
     assert "ValidationException" in letter["reason"]
     assert letter["shard_id"] == results[30]["ShardId"]
     assert letter["sequence_number"] == results[30]["SequenceNumber"]
-    assert json.loads(letter["data"]) == bad
+    assert json.loads(base64.b64decode(letter["data_base64"])) == bad
     assert await table_keys(dynamodb, settings.table_name) == keys_of(records) - keys_of([bad])
     snapshot = service.metrics.snapshot()
     assert (snapshot.written, snapshot.dead_lettered) == (59, 1)

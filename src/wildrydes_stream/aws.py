@@ -62,6 +62,7 @@ class AwsClients:
         self.dynamodb_control: Any = None
         """Lease table and DescribeTable, with botocore's standard retries."""
         self.sqs: Any = None
+        self.s3: Any = None
 
     async def __aenter__(self) -> AwsClients:
         session = get_session()
@@ -73,7 +74,10 @@ class AwsClients:
         self.dynamodb_control = await enter(
             create("dynamodb", region_name=region, config=CONTROL_PATH)
         )
-        self.sqs = await enter(create("sqs", region_name=region, config=CONTROL_PATH))
+        # Dead letters are retried by their destinations (sink/deadletter.py), which count and
+        # log each failure: botocore's own retries would hide them for seconds at a time.
+        self.sqs = await enter(create("sqs", region_name=region, config=DATA_PATH))
+        self.s3 = await enter(create("s3", region_name=region, config=DATA_PATH))
         self.kinesis_data, self.dynamodb_data = self.kinesis, self.dynamodb
         if self._fast:
             credentials = await session.get_credentials()

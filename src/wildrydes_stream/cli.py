@@ -1,4 +1,5 @@
-"""Command line: `run` (the service), `local` (everything on this machine), `provision`."""
+"""Command line: `run` (the service), `local` (everything on this machine), `provision`,
+`redrive` (dead letters back into the table), `settings`."""
 
 from __future__ import annotations
 
@@ -58,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
         "provision", help="create the stream and the table if missing (development)"
     )
     provision.add_argument("--shards", type=int, default=4, help="shards of a new stream")
+    redrive = commands.add_parser(
+        "redrive",
+        help="write dead-lettered records back into the table, once the cause is fixed",
+    )
+    redrive.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="FILE|SQS-URL|S3-URI",
+        help="the dead-letter file, queue URL or s3://bucket/prefix to take the records from",
+    )
+    redrive.add_argument(
+        "--max-retry-attempts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="retries of a failed write before the record stays dead-lettered (default 10; "
+        "-1 retries for as long as the fault lasts)",
+    )
     listing = commands.add_parser("settings", help="print every setting, its variable and default")
     listing.add_argument(
         "--format",
@@ -90,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_loop(_serve(settings))
         if args.command == "provision":
             return _run_loop(_provision(settings, args.shards))
+        if args.command == "redrive":
+            return _run_loop(_redrive(settings, args.source, args.max_retry_attempts))
         if args.command == "local":
             from wildrydes_stream.local.runner import LocalOptions, run_local
 
@@ -163,6 +185,14 @@ async def _serve(settings: Settings) -> int:
     async with service:
         await service.wait()
     return service.exit_code
+
+
+async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> int:
+    from wildrydes_stream.redrive import redrive
+
+    report = await redrive(settings, source, max_retry_attempts)
+    print(report.line())
+    return 0 if report.failed == 0 else 1
 
 
 async def _provision(settings: Settings, shards: int) -> int:

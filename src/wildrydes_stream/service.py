@@ -26,12 +26,9 @@ from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.http import HealthServer
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.sink.deadletter import (
-    DeadLetters,
-    Destination,
-    FileDestination,
-    SqsDestination,
-)
+from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
+from wildrydes_stream.sink.deadletter_s3 import S3Destination
+from wildrydes_stream.sink.deadletter_sqs import SqsDestination
 from wildrydes_stream.sink.dynamodb import WriterPool
 from wildrydes_stream.supervisor import ShardSupervisor
 from wildrydes_stream.waiting import wait_or_timeout
@@ -88,6 +85,7 @@ class Service:
             clients = await self._clients.__aenter__()
             deadletters = DeadLetters(self._destinations(clients), self.metrics)
             await self._check_resources(clients)
+            await deadletters.check()
             leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
             await leases.ensure_table()
             self.pool = WriterPool(
@@ -131,11 +129,16 @@ class Service:
         )
 
     def _destinations(self, clients: AwsClients) -> list[Destination]:
+        s = self.settings
+        # One Retry for all: failures counted per destination, logged at most once an interval.
+        retry = Retry.from_settings(s, self.metrics)
         destinations: list[Destination] = []
-        if self.settings.deadletter_file:
-            destinations.append(FileDestination(self.settings.deadletter_file))
-        if self.settings.deadletter_queue_url:
-            destinations.append(SqsDestination(clients.sqs, self.settings.deadletter_queue_url))
+        if s.deadletter_file:
+            destinations.append(FileDestination(s.deadletter_file, retry))
+        if s.deadletter_queue_url:
+            destinations.append(SqsDestination(clients.sqs, s.deadletter_queue_url, retry))
+        if s.deadletter_s3_uri:
+            destinations.append(S3Destination(clients.s3, s.deadletter_s3_uri, retry))
         return destinations
 
     async def _check_resources(self, clients: AwsClients) -> None:

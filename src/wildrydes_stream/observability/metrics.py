@@ -137,6 +137,17 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        # Dead-letter destinations
+        self.deadletter_failures = Counter(
+            "deadletter_failures_total",
+            "Failed attempts to store dead letters in a destination (each is retried until it "
+            "works; the records wait meanwhile).",
+            ["destination"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        for destination in ("file", "sqs", "s3"):  # exported at 0 from the start
+            self.deadletter_failures.labels(destination)
 
     def snapshot(self) -> Snapshot:
         """Totals across labels, for summaries and tests."""

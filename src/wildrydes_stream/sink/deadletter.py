@@ -1,58 +1,171 @@
-"""Dead-letter destinations: a local JSON-lines file and an SQS queue.
+"""Dead letters: the fan-out to every configured destination, retries, and the file destination.
 
-An entry carries the raw record (base64, plus the text when it is UTF-8), the reason, stream,
-shard, sequence number and arrival time. `send` returns only once every configured destination
-has the entries durably, so the caller may then count the records as finished.
+`DeadLetters.send` returns only once every destination has the entries durably, so the caller
+may then count the records as finished. The S3 destination (an archive: it keeps records of any
+size) is written first, so that an SQS message too small for a record can point at its line.
+A destination failing at run time (throttled, 5xx, network, even AccessDenied) is retried with
+capped backoff for as long as it fails: the caller waits, which slows the pollers
+(back-pressure) instead of crashing the service or losing the record. The entry format is in
+`letters.py`; the SQS and S3 destinations in `deadletter_sqs.py` and `deadletter_s3.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
+import fcntl
 import logging
 import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
+from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import DeadLetter
+from wildrydes_stream.retry import backoff_delay, error_code
+from wildrydes_stream.sink.letters import dumps, entry
 
 log = logging.getLogger(__name__)
 
-SQS_BATCH = 10
-SQS_MAX_BODY = 256 * 1024
+T = TypeVar("T")
+
+# The setting behind each destination, named in its log lines and start-up errors.
+SETTING_OF = {
+    "file": "deadletter_file (WILDRYDES_DEADLETTER_FILE)",
+    "sqs": "deadletter_queue_url (WILDRYDES_DEADLETTER_QUEUE_URL)",
+    "s3": "deadletter_s3_uri (WILDRYDES_DEADLETTER_S3_URI)",
+}
 
 
-def entry_json(letter: DeadLetter) -> str:
-    """One dead-letter entry as compact JSON: the raw record and where it came from."""
-    entry: dict[str, Any] = {
-        "reason": letter.reason,
-        "kind": letter.kind,
-        "stream": letter.stream,
-        "shard_id": letter.shard_id,
-        "sequence_number": str(letter.sequence),
-        "arrival_time": datetime.fromtimestamp(letter.arrival, UTC).isoformat(),
-        "dead_lettered_at": datetime.now(UTC).isoformat(),
-        "data_base64": base64.b64encode(letter.data).decode("ascii"),
-    }
-    with contextlib.suppress(UnicodeDecodeError):
-        entry["data"] = letter.data.decode("utf-8")
-    return json.dumps(entry, separators=(",", ":"))
+@dataclass(slots=True)
+class LetterBatch:
+    """The letters of one `send`, their entries, and where the archive put them."""
+
+    letters: list[DeadLetter]
+    at: datetime
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    archived_at: str | None = None
+    """s3://bucket/key of the object holding the entries, line i+1 = entries[i], once written."""
+
+    @classmethod
+    def of(cls, letters: list[DeadLetter]) -> LetterBatch:
+        at = datetime.now(UTC)
+        return cls(letters, at, [entry(letter, at) for letter in letters])
 
 
 class Destination(Protocol):
-    async def send(self, letters: list[DeadLetter]) -> None: ...
+    name: str
+    """Metric label and key of SETTING_OF: file, sqs or s3."""
+    archive: bool
+    """Keeps every record whole and is written before the others, which may point at it."""
+
+    async def check(self) -> None:
+        """At start: fail with one line naming the setting if the destination is unusable."""
+
+    async def send(self, batch: LetterBatch) -> None:
+        """Store the batch durably; retry through `Retry` rather than raise."""
+
+
+class Retry:
+    """Calls a destination until it succeeds, counting each failure and logging it rate-limited."""
+
+    def __init__(
+        self, metrics: Metrics, base: float = 0.05, cap: float = 5.0, log_interval: float = 30.0
+    ) -> None:
+        self._metrics = metrics
+        self._base = base
+        self._cap = cap
+        self._log_interval = log_interval
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics) -> Retry:
+        return cls(
+            metrics,
+            settings.backoff_base_seconds,
+            settings.backoff_max_seconds,
+            settings.blocked_log_interval_seconds,
+        )
+
+    async def __call__(self, destination: str, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                self.failed(destination, exc)
+                attempt += 1
+                await asyncio.sleep(backoff_delay(attempt, self._base, self._cap))
+
+    def failed(self, destination: str, exc: BaseException) -> None:
+        self._metrics.deadletter_failures.labels(destination).inc()
+        now = time.monotonic()
+        last = self._last_logged.get(destination)
+        if last is not None and now - last < self._log_interval:
+            self._unlogged[destination] = self._unlogged.get(destination, 0) + 1
+            return
+        self._last_logged[destination] = now
+        log.warning(
+            "dead-letter destination %s failed, retrying until it works (check %s): %s",
+            destination,
+            SETTING_OF[destination],
+            f"{error_code(exc) or type(exc).__name__}: {exc}",
+            extra={
+                "destination": destination,
+                "failures_not_logged": self._unlogged.pop(destination, 0),
+            },
+        )
+
+
+class DeadLetters:
+    """Every configured destination; counts what it sends."""
+
+    def __init__(self, destinations: list[Destination], metrics: Metrics) -> None:
+        if not destinations:
+            raise ValueError("at least one dead-letter destination is needed")
+        self._archives = [d for d in destinations if d.archive]
+        self._others = [d for d in destinations if not d.archive]
+        self._metrics = metrics
+
+    async def check(self) -> None:
+        """Every destination usable, checked one after the other so the first fault is named."""
+        for destination in (*self._archives, *self._others):
+            await destination.check()
+
+    async def send(self, letters: list[DeadLetter]) -> None:
+        if not letters:
+            return
+        batch = LetterBatch.of(letters)
+        for archive in self._archives:
+            await archive.send(batch)
+        await asyncio.gather(*(d.send(batch) for d in self._others))
+        for letter in letters:
+            self._metrics.records_dead_lettered.labels(letter.kind).inc()
+            log.warning(
+                "record dead-lettered",
+                extra={
+                    "shard": letter.shard_id,
+                    "sequence_number": str(letter.sequence),
+                    "reason": letter.reason,
+                },
+            )
 
 
 class FileDestination:
     """Appends JSON lines and fsyncs before returning."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    name = "file"
+    archive = False
+
+    def __init__(self, path: str | os.PathLike[str], retry: Retry) -> None:
         self.path = Path(path)
+        self._retry = retry
         self._lock = asyncio.Lock()
         try:
             # Found out at start, not when the first bad record arrives.
@@ -64,97 +177,37 @@ class FileDestination:
                 "deadletter_file (WILDRYDES_DEADLETTER_FILE) to a writable path"
             ) from None
 
-    async def send(self, letters: list[DeadLetter]) -> None:
-        text = "".join(entry_json(letter) + "\n" for letter in letters)
+    async def check(self) -> None:
+        """Checked when constructed (the file is opened for appending)."""
+
+    async def send(self, batch: LetterBatch) -> None:
+        text = "".join(dumps(value) + "\n" for value in batch.entries)
         async with self._lock:
-            await asyncio.to_thread(self._append, text)
+            await self._retry(self.name, lambda: asyncio.to_thread(self._append, text))
 
     def _append(self, text: str) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
+        with locked(self.path) as handle:
+            handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
 
 
-class SqsDestination:
-    """SendMessageBatch, retrying failed entries until SQS has them all."""
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[IO[bytes]]:
+    """The file at `path`, opened for appending and reading under an exclusive flock.
 
-    def __init__(self, client: Any, queue_url: str, max_attempts: int = 20) -> None:
-        self._client = client
-        self._queue_url = queue_url
-        self._max_attempts = max_attempts
-
-    async def send(self, letters: list[DeadLetter]) -> None:
-        for batch in _batches([_sqs_body(letter) for letter in letters]):
-            await self._send_batch(batch)
-
-    async def _send_batch(self, bodies: list[str]) -> None:
-        entries = {str(i): body for i, body in enumerate(bodies)}
-        for attempt in range(self._max_attempts):
-            response = await self._client.send_message_batch(
-                QueueUrl=self._queue_url,
-                Entries=[{"Id": i, "MessageBody": body} for i, body in entries.items()],
-            )
-            failed = {f["Id"] for f in response.get("Failed", [])}
-            entries = {i: body for i, body in entries.items() if i in failed}
-            if not entries:
-                return
-            await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
-        raise RuntimeError(f"SQS refused {len(entries)} dead letters after retries")
-
-
-def _batches(bodies: list[str]) -> list[list[str]]:
-    """SendMessageBatch takes 10 messages and SQS_MAX_BODY bytes in all, whichever comes first."""
-    batches: list[list[str]] = []
-    size = 0
-    for body in bodies:
-        length = len(body.encode())
-        if not batches or len(batches[-1]) == SQS_BATCH or size + length > SQS_MAX_BODY:
-            batches.append([])
-            size = 0
-        batches[-1].append(body)
-        size += length
-    return batches
-
-
-def _sqs_body(letter: DeadLetter) -> str:
-    body = entry_json(letter)
-    if len(body.encode()) <= SQS_MAX_BODY:
-        return body
-    # A record near Kinesis's 1 MiB limit does not fit in one SQS message: keep its metadata
-    # and say so, rather than losing the entry.
-    clipped = DeadLetter(
-        b"",
-        letter.reason + " (record data too large for SQS, omitted)",
-        letter.kind,
-        letter.stream,
-        letter.shard_id,
-        letter.sequence,
-        letter.arrival,
-    )
-    return entry_json(clipped)
-
-
-class DeadLetters:
-    """Every configured destination; counts what it sends."""
-
-    def __init__(self, destinations: list[Destination], metrics: Metrics) -> None:
-        if not destinations:
-            raise ValueError("at least one dead-letter destination is needed")
-        self._destinations = destinations
-        self._metrics = metrics
-
-    async def send(self, letters: list[DeadLetter]) -> None:
-        if not letters:
+    `redrive` rewrites the file by replacing it under this lock; a writer that waited for the
+    lock meanwhile holds the old, unlinked file, so it opens the path again.
+    """
+    while True:
+        with path.open("a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            opened = os.fstat(handle.fileno())
+            if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+                continue
+            yield handle
             return
-        await asyncio.gather(*(d.send(letters) for d in self._destinations))
-        for letter in letters:
-            self._metrics.records_dead_lettered.labels(letter.kind).inc()
-            log.warning(
-                "record dead-lettered",
-                extra={
-                    "shard": letter.shard_id,
-                    "sequence_number": str(letter.sequence),
-                    "reason": letter.reason,
-                },
-            )
