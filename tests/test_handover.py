@@ -23,6 +23,7 @@ from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.records import status_time_to_epoch_ms
 from wildrydes_stream.service import Service
+from wildrydes_stream.source.shards import Shard, readable_shards, starting_position
 from wildrydes_stream.waiting import wait_or_timeout
 
 if TYPE_CHECKING:
@@ -132,6 +133,36 @@ def _always(_: Lease) -> bool:
 
 
 # --- 1. where a shard without a lease starts ------------------------------------------------
+
+PARENT = Shard("shardId-000000000000", (), closed=True)
+CHILDREN = [Shard(f"shardId-00000000000{i}", (PARENT.shard_id,), closed=False) for i in (1, 2)]
+
+
+def _ids(shards: list[Shard]) -> list[str]:
+    return [shard.shard_id for shard in shards]
+
+
+def test_a_closed_shard_never_read_is_done_at_latest_and_read_otherwise() -> None:
+    shards = [PARENT, *CHILDREN]
+    assert _ids(readable_shards(shards, (), (), skip_unleased_closed=True)) == _ids(CHILDREN)
+    assert _ids(readable_shards(shards, (), ())) == [PARENT.shard_id]
+    # Once this consumer holds the parent's lease, it is read to its end whatever the position.
+    leased = [PARENT.shard_id]
+    assert _ids(readable_shards(shards, (), leased, skip_unleased_closed=True)) == [PARENT.shard_id]
+
+
+def test_a_parent_without_a_lease_is_done_once_a_child_has_one() -> None:
+    # KCL deletes a finished parent's lease: its child's lease is what shows it was read.
+    leased = [CHILDREN[0].shard_id]
+    assert _ids(readable_shards([PARENT, *CHILDREN], (), leased)) == _ids(CHILDREN)
+
+
+def test_a_child_starts_at_trim_horizon_only_after_a_parent_this_consumer_read() -> None:
+    child = CHILDREN[0]
+    assert starting_position(child, [PARENT.shard_id], "LATEST") == "TRIM_HORIZON"
+    assert starting_position(child, [], "LATEST") == "LATEST"
+    assert starting_position(child, [], "AT_TIMESTAMP") == "AT_TIMESTAMP"
+    assert starting_position(PARENT, [], "LATEST") == "LATEST"
 
 
 async def test_latest_on_a_stream_split_before_start_reads_only_what_is_put_after_start(
