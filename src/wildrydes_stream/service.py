@@ -5,7 +5,9 @@
     checkpointer: shard progress -> lease table, every interval and at stop
 
 `start` and `stop` are idempotent and the class is an async context manager. `stop` stops
-polling, drains what is in flight within the grace period, checkpoints and releases leases.
+discovery and polling, drains what is in flight within the grace period while still renewing
+and checkpointing the leases (so no other replica takes them mid-drain), writes the final
+checkpoint, releases the leases, and only then stops renewing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -48,7 +51,13 @@ class Service:
         self._stopping = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._failure: BaseException | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._drained = asyncio.Event()
+        """Set once the drain is over: the checkpointer stops, the final checkpoint follows."""
+        self._released = asyncio.Event()
+        """Set once the leases are released: the renewer stops."""
+        self._discovery: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
         self.drained_in_time = True
@@ -86,7 +95,9 @@ class Service:
             deadletters = DeadLetters(self._destinations(clients), self.metrics)
             await self._check_resources(clients)
             await deadletters.check()
-            leases = LeaseTable(clients.dynamodb_control, s.lease_table_name, s.owner)
+            leases = LeaseTable(
+                clients.dynamodb_control, s.lease_table_name, s.owner, _at_timestamp_ms(s)
+            )
             await leases.ensure_table()
             self.pool = WriterPool(
                 clients.dynamodb_data,
@@ -110,11 +121,9 @@ class Service:
             )
             self.pool.start()
             await self.supervisor.sync()
-            self._tasks = [
-                asyncio.create_task(self._supervise(), name="shard-discovery"),
-                asyncio.create_task(self._checkpoint_loop(), name="checkpointer"),
-                asyncio.create_task(self._renew_loop(), name="lease-renewer"),
-            ]
+            self._discovery = asyncio.create_task(self._supervise(), name="shard-discovery")
+            self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpointer")
+            self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")
         except BaseException:
             await self._close()
             raise
@@ -191,18 +200,23 @@ class Service:
             self._fail(exc)
 
     async def _checkpoint_loop(self) -> None:
+        """Until the drain is over: a stop keeps checkpointing what its drain finishes."""
         assert self.supervisor is not None
         interval = self.settings.checkpoint_interval_seconds
-        while not await wait_or_timeout(self._stopping, interval):
+        while not await wait_or_timeout(self._drained, interval):
             try:
                 await self.supervisor.checkpoint_all()
             except Exception:
                 log.exception("checkpoint failed; retrying at the next interval")
 
     async def _renew_loop(self) -> None:
+        """Every third of the lease duration, on a fixed beat, until the leases are released:
+        a stop keeps its leases through the drain and the final checkpoint."""
         assert self.supervisor is not None
         interval = self.settings.lease_duration_seconds / 3
-        while not await wait_or_timeout(self._stopping, interval):
+        beat = time.monotonic()
+        while not await wait_or_timeout(self._released, beat + interval - time.monotonic()):
+            beat = time.monotonic()
             try:
                 await self.supervisor.renew_all()
             except Exception:
@@ -245,6 +259,9 @@ class Service:
         return 0 if self._failure is None and self.drained_in_time else 1
 
     async def stop(self) -> None:
+        """Stop discovery and polling; drain within the grace period while the renewer and
+        the checkpointer go on; then the final checkpoint, the release of the leases, and last
+        the renewer. Bounded by the grace period plus FINAL_CHECKPOINT_TIMEOUT."""
         if not self._started or self._stopped:
             return
         self._stopped = True
@@ -253,25 +270,14 @@ class Service:
             "stopping: draining in-flight records",
             extra={"grace_seconds": self.settings.shutdown_grace_seconds},
         )
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(self._discovery)
         supervisor, pool = self.supervisor, self.pool
         if supervisor is not None and pool is not None:
-            try:
-                async with asyncio.timeout(self.settings.shutdown_grace_seconds):
-                    await supervisor.wait_shard_tasks()
-                    await pool.drain()
-            except TimeoutError:
-                self.drained_in_time = False
-                log.warning(
-                    "grace period over before everything in flight was written; "
-                    "unwritten records will be read again"
-                )
-                await supervisor.cancel_shard_tasks()
-            await pool.stop()
+            await self._drain(supervisor, pool)
+            # Lease writes are shielded and serialized per lease, so cancelling a checkpoint
+            # in flight loses nothing: the final one queues behind it.
+            self._drained.set()
+            await _cancel(self._checkpointer)
             try:
                 async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT):
                     await supervisor.checkpoint_all()
@@ -280,13 +286,43 @@ class Service:
                 log.exception(
                     "final checkpoint failed; records since the last one will be read again"
                 )
+        self._released.set()
+        await _cancel(self._renewer)
         await self._close()
         log.info("stopped", extra={"drained": self.drained_in_time})
+
+    async def _drain(self, supervisor: ShardSupervisor, pool: WriterPool) -> None:
+        try:
+            async with asyncio.timeout(self.settings.shutdown_grace_seconds):
+                await supervisor.wait_shard_tasks()
+                await pool.drain()
+        except TimeoutError:
+            self.drained_in_time = False
+            log.warning(
+                "grace period over before everything in flight was written; "
+                "unwritten records will be read again"
+            )
+            await supervisor.cancel_shard_tasks()
+        await pool.stop()
 
     async def _close(self) -> None:
         if self.http is not None:
             await self.http.stop()
         await self._clients.__aexit__(None, None, None)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _at_timestamp_ms(settings: Settings) -> int | None:
+    """The configured AT_TIMESTAMP start in epoch ms, recorded on leases that start there."""
+    moment = settings.starting_datetime()
+    return None if moment is None else int(moment.timestamp() * 1000)
 
 
 def _check_sort_key(table: dict[str, Any], settings: Settings) -> None:

@@ -3,6 +3,11 @@
 A shard is taken only once its parents are done (read to the end, SHARD_END checkpointed).
 When a shard ends, its SHARD_END is checkpointed as soon as its last record is finished, and
 discovery runs again at once so its children start without waiting for the next interval.
+
+Each take of a lease is a tenure with its own ShardProgress. A tenure ends when the lease is
+lost: a renewal or checkpoint finds it taken, a scan shows another owner, or it has not been
+renewed for lease_duration_seconds (another worker may take it by then). Its progress is fenced
+(queued records are dropped, late acknowledgements count nowhere) and its poller stopped.
 """
 
 from __future__ import annotations
@@ -14,18 +19,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.balancing import lease_to_steal
-from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.checkpoint.leases import AT_TIMESTAMP, LATEST, SHARD_END, Lease, LeaseTable
 from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import LeaseLostError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.source.poller import Dispatch, ShardPoller
-from wildrydes_stream.source.shards import list_shards, readable_shards
+from wildrydes_stream.source.shards import list_shards, readable_shards, starting_position
 from wildrydes_stream.waiting import wait_or_timeout
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ class OwnedShard:
     poller: ShardPoller
     task: asyncio.Task[None] | None = None
     checkpointed_at: float = field(default_factory=time.monotonic)
+    watchdog: asyncio.TimerHandle | None = None
+    """Fires when the lease has gone lease_duration_seconds without a confirmed write."""
 
     @property
     def shard_id(self) -> str:
@@ -93,21 +101,25 @@ class ShardSupervisor:
     async def sync(self) -> list[str]:
         """Take and start every readable shard not yet owned; returns the ids started."""
         shards = await list_shards(self._kinesis, self._settings.stream_name)
+        held = dict(self.owned)
         leases = await self._leases.all()
         for known in leases.values():
             self._note(known)
+        self._drop_taken(held, leases)
         started = []
         finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
         await self._forget_trimmed(finished - {shard.shard_id for shard in shards})
-        readable = readable_shards(shards, finished)
+        configured = self._settings.starting_position
+        readable = readable_shards(
+            shards, finished, leases.keys(), skip_unleased_closed=configured == LATEST
+        )
         for shard in readable:
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
             scanned = leases.get(shard.shard_id)
             if scanned is not None and self._held_by_other(scanned):
                 continue  # a live worker has it: no need to read it again
-            # A child starts at TRIM_HORIZON so nothing written to it before we got here is lost.
-            initial = "TRIM_HORIZON" if shard.parents else self._settings.starting_position
+            initial = starting_position(shard, leases.keys(), configured)
             lease = await self._leases.acquire(
                 shard.shard_id, shard.parents, initial, self._takeable
             )
@@ -123,6 +135,14 @@ class ShardSupervisor:
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
+
+    def _drop_taken(self, held: dict[str, OwnedShard], scanned: dict[str, Lease]) -> None:
+        """Shards held before the scan whose lease now names another owner (or none) were
+        taken: stop them now rather than at the next renewal."""
+        for shard_id, owned in held.items():
+            lease = scanned.get(shard_id)
+            if lease is not None and lease.owner != self._leases.owner:
+                self._drop(owned, "lease taken by another worker")
 
     async def _forget_trimmed(self, shard_ids: set[str]) -> None:
         """Delete the leases of finished shards Kinesis no longer lists (trimmed after the
@@ -193,12 +213,48 @@ class ShardSupervisor:
         return expired
 
     async def renew_all(self) -> None:
-        """Show the owned leases are alive; drop the shards whose lease was taken."""
-        for owned in list(self.owned.values()):
-            try:
+        """Show the owned leases are alive, all at once and each call bounded, so one hung
+        call holds up neither the others nor the next round; drop the shards whose lease was
+        taken. A lease that cannot be renewed expires through its watchdog."""
+        owned = list(self.owned.values())
+        await asyncio.gather(*(self._renew(one) for one in owned))
+
+    async def _renew(self, owned: OwnedShard) -> None:
+        if self.owned.get(owned.shard_id) is not owned:
+            return
+        try:
+            async with asyncio.timeout(self._settings.lease_duration_seconds / 3):
                 await self._leases.renew(owned.lease)
-            except LeaseLostError:
-                self._drop(owned)
+        except LeaseLostError:
+            self._drop(owned, "lease taken by another worker")
+        except Exception as exc:  # the write goes on, shielded; the watchdog keeps the time
+            log.warning("lease renewal failed", extra={"shard": owned.shard_id, "error": repr(exc)})
+
+    def _watch(self, owned: OwnedShard) -> None:
+        """Arm the watchdog for lease_duration_seconds after the last confirmed write: other
+        workers may take the lease once its counter has not moved for that long, so by then
+        this one must have stopped writing the shard."""
+        left = owned.lease.confirmed_at + self._settings.lease_duration_seconds - time.monotonic()
+        owned.watchdog = asyncio.get_running_loop().call_later(max(0.0, left), self._expire, owned)
+
+    def _expire(self, owned: OwnedShard) -> None:
+        if self.owned.get(owned.shard_id) is not owned:
+            return
+        if owned.lease.confirmed_at + self._settings.lease_duration_seconds > time.monotonic():
+            self._watch(owned)  # renewed since the watchdog was armed
+            return
+        self._drop(owned, "lease not renewed for lease_duration_seconds")
+
+    def _position(self, lease: Lease) -> tuple[str, datetime | None]:
+        """Where the poller starts: the checkpoint, or for a lease still at LATEST or
+        AT_TIMESTAMP, the moment the lease started at. A LATEST whose moment this tenure just
+        recorded is read as LATEST (the same moment, and always answerable at the tip)."""
+        if not lease.at_moment or lease.starting_ms is None:
+            return lease.checkpoint, None
+        since = datetime.fromtimestamp(lease.starting_ms / 1000, UTC)
+        if lease.checkpoint == LATEST and not lease.starting_inherited:
+            return LATEST, since
+        return AT_TIMESTAMP, since
 
     def _start(self, lease: Lease) -> None:
         progress = ShardProgress(lease.shard_id)
@@ -214,36 +270,49 @@ class ShardSupervisor:
             self._budget,
         )
         owned = OwnedShard(lease, progress, poller)
-        owned.task = asyncio.create_task(self._process(owned), name=f"shard-{lease.shard_id}")
+        position, since = self._position(lease)
+        owned.task = asyncio.create_task(
+            self._process(owned, position, since), name=f"shard-{lease.shard_id}"
+        )
         self.owned[lease.shard_id] = owned
+        self._watch(owned)
         self.history.append(("start", lease.shard_id))
-        log.info("reading shard", extra={"shard": lease.shard_id, "from": lease.checkpoint})
+        log.info("reading shard", extra={"shard": lease.shard_id, "from": position})
 
-    async def _process(self, owned: OwnedShard) -> None:
+    async def _process(self, owned: OwnedShard, position: str, since: datetime | None) -> None:
         try:
-            await owned.poller.run(owned.lease.checkpoint)
+            await owned.poller.run(position, since)
             if not owned.progress.ended:
-                return  # stopping: the final checkpoint happens in checkpoint_all
+                return  # stopping or fenced: the final checkpoint happens in checkpoint_all
             await owned.progress.drained.wait()
             await self._checkpoint(owned, SHARD_END)
             self.history.append(("end", owned.shard_id))
-            self._let_go(owned.shard_id)
+            self._let_go(owned)
             self._wake.set()
         except LeaseLostError:
-            self._drop(owned)
+            self._drop(owned, "lease taken by another worker")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("shard task failed", extra={"shard": owned.shard_id})
             self._on_failure(exc)
 
-    def _drop(self, owned: OwnedShard) -> None:
-        log.warning("lease lost, no longer reading shard", extra={"shard": owned.shard_id})
-        self._let_go(owned.shard_id)
+    def _drop(self, owned: OwnedShard, reason: str) -> None:
+        """End a tenure whose lease is lost: fence its progress so its queued records are
+        dropped and late acknowledgements count nowhere, and stop its poller."""
+        if owned.progress.fenced:
+            return
+        log.warning(
+            "lease lost, no longer reading shard: %s", reason, extra={"shard": owned.shard_id}
+        )
+        owned.progress.fence()
+        self._let_go(owned)
         if owned.task is not None and owned.task is not asyncio.current_task():
             owned.task.cancel()
 
     async def _checkpoint(self, owned: OwnedShard, value: str) -> None:
+        if owned.progress.fenced:
+            raise LeaseLostError(owned.shard_id)  # whatever it finished is not ours to store
         await self._leases.checkpoint(owned.lease, value)
         owned.checkpointed_at = time.monotonic()
         self._metrics.checkpoints.labels(owned.shard_id).inc()
@@ -259,7 +328,7 @@ class ShardSupervisor:
             try:
                 await self._checkpoint(owned, str(done))
             except LeaseLostError:
-                self._drop(owned)
+                self._drop(owned, "lease taken by another worker")
 
     async def wait_shard_tasks(self) -> None:
         tasks = [o.task for o in list(self.owned.values()) if o.task is not None]
@@ -279,15 +348,20 @@ class ShardSupervisor:
                 await self._leases.release(owned.lease)
             except Exception:
                 log.exception("could not release lease", extra={"shard": owned.shard_id})
-            self._let_go(owned.shard_id)
+            self._let_go(owned)
 
-    def _let_go(self, shard_id: str) -> None:
+    def _let_go(self, owned: OwnedShard) -> None:
         """Forget a shard no longer read here, and its lag series: a stale lag left behind by
-        a shard that ended or moved to another replica would keep a lag alert firing."""
-        self.owned.pop(shard_id, None)
+        a shard that ended or moved to another replica would keep a lag alert firing. Only
+        this tenure: a later take of the same shard stays."""
+        if owned.watchdog is not None:
+            owned.watchdog.cancel()
+        if self.owned.get(owned.shard_id) is not owned:
+            return
+        del self.owned[owned.shard_id]
         self._metrics.shards_owned.set(len(self.owned))
         with contextlib.suppress(KeyError):
-            self._metrics.behind_latest.remove(shard_id)
+            self._metrics.behind_latest.remove(owned.shard_id)
 
     async def wait_caught_up(self) -> None:
         """Every owned shard had an empty poll or ended (burst runs)."""

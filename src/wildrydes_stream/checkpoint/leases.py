@@ -4,15 +4,20 @@ One item per shard: `leaseKey` (shard id), `leaseOwner`, `leaseCounter`, `checkp
 sequence number or a sentinel), `checkpointSubSequenceNumber`, `ownerSwitchesSinceCheckpoint`
 and `parentShardId` (string set). Every write after taking a lease is conditional on this worker
 still owning it at the counter it last saw, so two replicas can never both advance one shard.
+
+One attribute KCL does not have: `startingTimestamp` (N, epoch ms), the moment a lease whose
+`checkpoint` is still `LATEST` or `AT_TIMESTAMP` starts at. The sentinel stays (KCL reads it);
+the moment lets the next owner read from where the first one started instead of asking for a
+new LATEST, which would skip whatever arrived while the lease moved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from botocore.exceptions import ClientError
@@ -23,6 +28,10 @@ log = logging.getLogger(__name__)
 
 SHARD_END: Final = "SHARD_END"
 TRIM_HORIZON: Final = "TRIM_HORIZON"
+LATEST: Final = "LATEST"
+AT_TIMESTAMP: Final = "AT_TIMESTAMP"
+MOMENT_SENTINELS: Final = frozenset({LATEST, AT_TIMESTAMP})
+"""Checkpoints that name a moment rather than a record: the lease keeps `startingTimestamp`."""
 
 
 @dataclass(slots=True)
@@ -33,10 +42,24 @@ class Lease:
     counter: int
     parents: tuple[str, ...] = ()
     owner_switches: int = 0
+    starting_ms: int | None = None
+    """`startingTimestamp`: where a LATEST or AT_TIMESTAMP checkpoint starts (epoch ms)."""
+    starting_inherited: bool = False
+    """`starting_ms` was recorded by an earlier tenure (not by this take or create)."""
+    confirmed_at: float = field(default=0.0, compare=False)
+    """Monotonic time at which the last write that proved we hold the lease was sent."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
+    """One write at a time per tenure: checkpoint, renewal and release all move the counter
+    they are conditional on, so two in flight would make the second look like a loss."""
 
     @property
     def at_shard_end(self) -> bool:
         return self.checkpoint == SHARD_END
+
+    @property
+    def at_moment(self) -> bool:
+        """No record read yet under a LATEST or AT_TIMESTAMP start."""
+        return self.checkpoint in MOMENT_SENTINELS
 
 
 def _is_conditional_failure(exc: ClientError) -> bool:
@@ -44,13 +67,14 @@ def _is_conditional_failure(exc: ClientError) -> bool:
 
 
 class LeaseTable:
-    def __init__(self, client: Any, table_name: str, owner: str) -> None:
+    def __init__(
+        self, client: Any, table_name: str, owner: str, at_timestamp_ms: int | None = None
+    ) -> None:
         self._client = client
         self.table_name = table_name
         self.owner = owner
-        # One write at a time per lease: checkpoint, renewal and release all move the counter
-        # they are conditional on, so two in flight would make the second look like a loss.
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._at_timestamp_ms = at_timestamp_ms
+        """The configured AT_TIMESTAMP start, recorded on leases that start there."""
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
@@ -119,8 +143,15 @@ class LeaseTable:
                 # Someone changed it between our read and write: read again.
         raise LeaseLostError(shard_id)
 
+    def _moment_ms(self, sentinel: str) -> int:
+        """The moment a lease at `sentinel` starts at: now for LATEST, else the setting."""
+        if sentinel == AT_TIMESTAMP and self._at_timestamp_ms is not None:
+            return self._at_timestamp_ms
+        return int(time.time() * 1000)
+
     async def _create(self, shard_id: str, parents: tuple[str, ...], initial: str) -> Lease:
-        lease = Lease(shard_id, initial, self.owner, 1, parents)
+        sent = time.monotonic()
+        lease = Lease(shard_id, initial, self.owner, 1, parents, confirmed_at=sent)
         item: dict[str, Any] = {
             "leaseKey": {"S": shard_id},
             "leaseOwner": {"S": self.owner},
@@ -131,6 +162,9 @@ class LeaseTable:
         }
         if parents:
             item["parentShardId"] = {"SS": list(parents)}
+        if initial in MOMENT_SENTINELS:
+            lease.starting_ms = self._moment_ms(initial)
+            item["startingTimestamp"] = {"N": str(lease.starting_ms)}
         await self._client.put_item(
             TableName=self.table_name,
             Item=item,
@@ -139,27 +173,54 @@ class LeaseTable:
         return lease
 
     async def _take(self, lease: Lease) -> Lease:
+        """Take `lease` (as read) over, conditional on its counter not having moved since.
+
+        A lease still at LATEST or AT_TIMESTAMP gets its starting moment now if it has none
+        (created by KCL or an older version): from here on, nobody skips what arrives."""
         switches = lease.owner_switches + (0 if lease.owner == self.owner else 1)
+        expression = (
+            "SET leaseOwner = :me, leaseCounter = :next, ownerSwitchesSinceCheckpoint = :switches"
+        )
+        values = {
+            ":me": {"S": self.owner},
+            ":next": {"N": str(lease.counter + 1)},
+            ":seen": {"N": str(lease.counter)},
+            ":switches": {"N": str(switches)},
+        }
+        starting_ms = lease.starting_ms
+        if lease.at_moment:
+            starting_ms = (
+                starting_ms if starting_ms is not None else self._moment_ms(lease.checkpoint)
+            )
+            expression += ", startingTimestamp = if_not_exists(startingTimestamp, :start)"
+            values[":start"] = {"N": str(starting_ms)}
+        sent = time.monotonic()
         await self._client.update_item(
             TableName=self.table_name,
             Key={"leaseKey": {"S": lease.shard_id}},
-            UpdateExpression="SET leaseOwner = :me, leaseCounter = :next, "
-            "ownerSwitchesSinceCheckpoint = :switches",
+            UpdateExpression=expression,
             ConditionExpression="leaseCounter = :seen",
-            ExpressionAttributeValues={
-                ":me": {"S": self.owner},
-                ":next": {"N": str(lease.counter + 1)},
-                ":seen": {"N": str(lease.counter)},
-                ":switches": {"N": str(switches)},
-            },
+            ExpressionAttributeValues=values,
         )
+        # The condition held, so the table still had what we read: a starting moment read
+        # with the lease was recorded by an earlier tenure.
+        lease.starting_inherited = lease.starting_ms is not None
+        lease.starting_ms = starting_ms
         lease.owner, lease.counter, lease.owner_switches = self.owner, lease.counter + 1, switches
+        lease.confirmed_at = sent
         return lease
 
     async def renew(self, lease: Lease) -> None:
-        """Move the counter so other workers see the lease is alive; LeaseLostError if lost."""
+        """Move the counter so other workers see the lease is alive; LeaseLostError if lost.
+
+        Nothing is sent while another write of the lease is in flight: that one moves the
+        counter too, and renewals queued behind a hung call would only pile up."""
+        if lease.lock.locked():
+            return
 
         async def write() -> None:
+            if lease.owner != self.owner:
+                return  # released meanwhile: a renewal now would only fail as lost
             await self._owned_update(lease, "SET leaseCounter = :next", {})
             lease.counter += 1
 
@@ -188,10 +249,13 @@ class LeaseTable:
         counter in the table but not in `lease`, and our next write would fail as lost."""
 
         async def locked() -> None:
-            async with self._locks[lease.shard_id]:
+            async with lease.lock:
                 await write()
 
-        await asyncio.shield(locked())
+        task = asyncio.ensure_future(locked())
+        # Abandoned by a cancelled or timed-out caller, its outcome is still consumed here.
+        task.add_done_callback(_consume)
+        await asyncio.shield(task)
 
     async def _owned_update(
         self,
@@ -202,6 +266,7 @@ class LeaseTable:
     ) -> None:
         """An update conditional on our ownership at the counter last seen."""
         extra: dict[str, Any] = {"ExpressionAttributeNames": names} if names else {}
+        sent = time.monotonic()
         try:
             await self._client.update_item(
                 TableName=self.table_name,
@@ -220,6 +285,7 @@ class LeaseTable:
             if _is_conditional_failure(exc):
                 raise LeaseLostError(lease.shard_id) from None
             raise
+        lease.confirmed_at = max(lease.confirmed_at, sent)
 
     async def delete_finished(self, shard_id: str) -> bool:
         """Remove a lease at SHARD_END (its shard has been trimmed away); False if it is not."""
@@ -250,7 +316,13 @@ class LeaseTable:
             log.warning("lease already taken on release", extra={"shard": lease.shard_id})
 
 
+def _consume(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("abandoned lease write failed", exc_info=task.exception())
+
+
 def _from_item(item: dict[str, Any]) -> Lease:
+    starting = item.get("startingTimestamp", {}).get("N")
     return Lease(
         shard_id=item["leaseKey"]["S"],
         checkpoint=item.get("checkpoint", {}).get("S", TRIM_HORIZON),
@@ -258,4 +330,5 @@ def _from_item(item: dict[str, Any]) -> Lease:
         counter=int(item.get("leaseCounter", {}).get("N", "0")),
         parents=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
         owner_switches=int(item.get("ownerSwitchesSinceCheckpoint", {}).get("N", "0")),
+        starting_ms=int(starting) if starting is not None else None,
     )

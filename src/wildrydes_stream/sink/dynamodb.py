@@ -192,9 +192,9 @@ class BatchWriter:
         failures = 0
         last_error = ""
         while True:
-            batch = _unfenced(batch)
             if failures:
-                batch = await self._past_age_cap(batch, last_error)
+                await self._sleep(failures)
+                batch = await self._past_age_cap(_unfenced(batch), last_error)
             if not batch:
                 return
             if self._out_of_retries(failures):
@@ -202,10 +202,7 @@ class BatchWriter:
                     batch, f"write failed {failures} times: {last_error}", "retries"
                 )
                 return
-            if failures:
-                await self._sleep(failures)
-            pending = {key: envelopes[-1].item for key, envelopes in batch.items()}
-            outcome = await self._call(pending, batch)
+            batch, outcome = await self._call(batch)
             if isinstance(outcome, BaseException):
                 fault = fault_of(outcome)
                 if fault == "item":
@@ -223,18 +220,20 @@ class BatchWriter:
                 failures += 1
                 last_error = f"{len(batch)} items returned unprocessed (throttled)"
 
-    async def _call(self, pending: dict[ItemKey, Any], batch: Batch) -> set[ItemKey] | Exception:
-        """One BatchWriteItem: the keys handed back unprocessed, or the error it failed with."""
+    async def _call(self, batch: Batch) -> tuple[Batch, set[ItemKey] | Exception]:
+        """One BatchWriteItem of the batch's records still owned when the call is made: those
+        records, and the keys handed back unprocessed or the error the call failed with."""
         shared = self._shared
         await shared.units.spend(_write_units(batch))
         async with shared.concurrency.slot() as window:
+            # Checked last thing before sending: the lease may have moved while this waited.
+            batch = _unfenced(batch)
+            if not batch:
+                return batch, set()
+            pending = [{"PutRequest": {"Item": es[-1].item}} for es in batch.values()]
             started = time.perf_counter()
             try:
-                response = await shared.client.batch_write_item(
-                    RequestItems={
-                        self._table: [{"PutRequest": {"Item": item}} for item in pending.values()]
-                    }
-                )
+                response = await shared.client.batch_write_item(RequestItems={self._table: pending})
             except Exception as exc:
                 self._observe(started, "error")
                 fault = fault_of(exc)
@@ -243,7 +242,7 @@ class BatchWriter:
                 if fault not in BLOCKING_FAULTS:
                     # Throttling, 5xx, the items' own fault: the API itself is reachable.
                     shared.blocked.succeeded(API)
-                return exc
+                return batch, exc
         self._observe(started, "ok")
         shared.blocked.succeeded(API)
         unprocessed = response.get("UnprocessedItems", {}).get(self._table, [])
@@ -251,7 +250,7 @@ class BatchWriter:
             shared.concurrency.throttled(window)
         else:
             shared.concurrency.succeeded()
-        return {item_key_of(r["PutRequest"]["Item"]) for r in unprocessed}
+        return batch, {item_key_of(r["PutRequest"]["Item"]) for r in unprocessed}
 
     async def _isolate(self, batch: Batch, exc: Exception) -> None:
         """The request was refused for what it carried: find the items at fault by writing one

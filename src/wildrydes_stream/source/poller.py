@@ -73,15 +73,22 @@ class ShardPoller:
         self._record_size = float(FIRST_RECORD_SIZE_GUESS)
         """Average bytes a record of this shard, from the pages read (for the byte bound)."""
         self._last_read: str | None = None
+        self._since: datetime | None = None
         self.caught_up = asyncio.Event()
         """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
 
-    async def run(self, checkpoint: str) -> None:
-        """Read from just after `checkpoint` until stopped or the shard's end."""
+    async def run(self, checkpoint: str, since: datetime | None = None) -> None:
+        """Read from just after `checkpoint` until stopped or the shard's end.
+
+        `since`: for a checkpoint still at LATEST or AT_TIMESTAMP, the moment the lease started
+        at. AT_TIMESTAMP reads from it; so does an iterator renewed before the first record
+        under LATEST, as a new LATEST would skip what arrived in between."""
+        self._since = since
         iterator: str | None = await self._iterator(checkpoint)
         last_call = 0.0
         attempt = 0
-        while iterator is not None and not self._stopping.is_set():
+        # A fenced tenure (lease lost) reads nothing more: the shard's new owner reads it.
+        while iterator is not None and not self._stopping.is_set() and not self._progress.fenced:
             pause = self._settings.min_poll_interval_seconds - (time.monotonic() - last_call)
             if await wait_or_timeout(self._stopping, pause):
                 break
@@ -97,7 +104,7 @@ class ShardPoller:
                 self._budget.give_back(reserved)
                 if error_code(exc) == "ExpiredIteratorException":
                     log.info("iterator expired, renewing", extra={"shard": self.shard_id})
-                    iterator = await self._iterator(self._last_read or checkpoint)
+                    iterator = await self._iterator(self._last_read or self._again(checkpoint))
                     continue
                 attempt = await self._back_off("GetRecords", exc, attempt)
                 continue
@@ -189,6 +196,12 @@ class ShardPoller:
             for letter in bad:
                 progress.finish(letter.sequence)
 
+    def _again(self, checkpoint: str) -> str:
+        """Where to ask for an iterator again when nothing has been read yet."""
+        if checkpoint == "LATEST" and self._since is not None:
+            return "AT_TIMESTAMP"
+        return checkpoint
+
     async def _iterator(self, position: str) -> str | None:
         """A shard iterator just after `position` (a sequence number) or at a sentinel."""
         kwargs: dict[str, Any] = {
@@ -203,7 +216,7 @@ class ShardPoller:
         elif position == "AT_TIMESTAMP":
             kwargs |= {
                 "ShardIteratorType": "AT_TIMESTAMP",
-                "Timestamp": self._settings.starting_datetime(),
+                "Timestamp": self._since or self._settings.starting_datetime(),
             }
         else:
             kwargs["ShardIteratorType"] = position

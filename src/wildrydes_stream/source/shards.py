@@ -43,16 +43,42 @@ async def list_shards(client: Any, stream_name: str) -> list[Shard]:
         kwargs = {"NextToken": token}
 
 
-def readable_shards(shards: list[Shard], finished: Collection[str]) -> list[Shard]:
-    """Shards whose parents are done: read to the end with SHARD_END checkpointed (`finished`).
+def readable_shards(
+    shards: list[Shard],
+    finished: Collection[str],
+    leased: Collection[str] = (),
+    *,
+    skip_unleased_closed: bool = False,
+) -> list[Shard]:
+    """Shards to read now: not done themselves, and every parent done.
 
-    A parent no longer listed has been trimmed away with all its data, so it is done too.
-    Shards already at SHARD_END are not returned.
+    Done, as KCL has it: read to the end with SHARD_END checkpointed (`finished`); no longer
+    listed (trimmed away with all its data); without a lease while a child has one (KCL deletes
+    a finished parent's lease); and with `skip_unleased_closed` (starting at LATEST), closed
+    without a lease: its LATEST is its end, so reading it would give nothing.
     """
     listed = {shard.shard_id for shard in shards}
+    closed = {shard.shard_id for shard in shards if shard.closed}
+    parents_of_leased = {
+        parent for shard in shards if shard.shard_id in leased for parent in shard.parents
+    }
+
+    def done(shard_id: str) -> bool:
+        if shard_id in finished or shard_id not in listed:
+            return True
+        if shard_id in leased:
+            return False
+        return shard_id in parents_of_leased or (skip_unleased_closed and shard_id in closed)
+
     return [
         shard
         for shard in shards
-        if shard.shard_id not in finished
-        and all(parent in finished or parent not in listed for parent in shard.parents)
+        if not done(shard.shard_id) and all(done(parent) for parent in shard.parents)
     ]
+
+
+def starting_position(shard: Shard, leased: Collection[str], configured: str) -> str:
+    """Where a shard without a lease starts: TRIM_HORIZON after a parent this consumer read
+    (its lease exists), so nothing put to the child after the parent's end is skipped;
+    otherwise the configured position, as for a shard that has no parents."""
+    return "TRIM_HORIZON" if any(parent in leased for parent in shard.parents) else configured
