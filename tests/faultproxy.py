@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import json
 import uuid
 import zlib
@@ -81,6 +82,13 @@ INVALID_SIGNATURE = AwsError(
     "(20261128T101000Z - 5 min.)",
 )
 FORBIDDEN_PAGE = AwsError(403, "", "<html><body><h1>403 Forbidden</h1></body></html>", html=True)
+KINESIS_ACCESS_DENIED = AwsError(
+    400,
+    "AccessDeniedException",
+    "User: arn:aws:sts::123456789012:assumed-role/wildrydes-stream/pod is not authorized to "
+    "perform: kinesis:GetShardIterator on resource: arn:aws:kinesis:us-east-1:123456789012:"
+    "stream/wildrydes-aggregated",
+)
 KINESIS_THROTTLED = AwsError(
     400,
     "ProvisionedThroughputExceededException",
@@ -240,7 +248,10 @@ class FaultProxy:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         async with self._session.request(
-            request.method, self.upstream + request.path_qs, headers=headers, data=body
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=body if len(body) < 512 * 1024 else io.BytesIO(body),
         ) as response:
             payload = await response.read()
             out = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}

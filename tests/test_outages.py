@@ -23,6 +23,7 @@ from tests.faultproxy import (
     EXPIRED_TOKEN,
     FORBIDDEN_PAGE,
     INVALID_SIGNATURE,
+    KINESIS_ACCESS_DENIED,
     UNRECOGNIZED_CLIENT,
     AwsError,
     FaultProxy,
@@ -312,3 +313,40 @@ async def test_a_write_unit_budget_paces_the_writers(
 
     assert elapsed >= 1.9
     assert await table_keys(dynamodb, settings.table_name) == keys_of(records)
+
+
+@pytest.mark.parametrize("api", ["GetShardIterator", "GetRecords"])
+async def test_reads_refused_for_a_while_are_retried_and_reported_not_fatal(
+    resources: Settings, kinesis_proxy: FaultProxy, kinesis: Any, dynamodb: Any, api: str
+) -> None:
+    records = make_records(200)
+    await put_records(kinesis, resources.stream_name, records)
+    kinesis_proxy.fail(api, KINESIS_ACCESS_DENIED, times=None)
+
+    async with Service(resources) as service:
+
+        async def reported() -> bool:
+            assert service.exit_code == 0, "a stage failed"
+            return sample(service, "wildrydes_blocked", api=api) == 1
+
+        await wait_for(reported)
+        await wait_for(lambda_async(lambda: kinesis_proxy.injected[api] >= 20), timeout=30)
+        assert await http_status(service, "/readyz") == 503
+        assert await http_status(service, "/healthz") == 200
+        kinesis_proxy.clear()
+
+        async def all_written() -> bool:
+            assert service.exit_code == 0, "a stage failed"
+            return service.metrics.snapshot().written == len(records)
+
+        await wait_for(all_written, timeout=30)
+        assert sample(service, "wildrydes_blocked", api=api) == 0
+        assert await http_status(service, "/readyz") == 200
+    assert await table_keys(dynamodb, resources.table_name) == keys_of(records)
+
+
+def lambda_async(check: Any) -> Any:
+    async def condition() -> bool:
+        return bool(check())
+
+    return condition

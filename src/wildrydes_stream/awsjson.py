@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import io
 import json
 import ssl
 import time
@@ -39,6 +40,7 @@ from botocore.httpsession import get_cert_path
 from yarl import URL
 
 USER_AGENT: Final = "wildrydes-stream awsjson"
+LARGE_BODY: Final = 512 * 1024
 
 
 def _blob(value: object) -> str:
@@ -116,7 +118,11 @@ class AwsJsonClient:
             raise RuntimeError("AwsJsonClient used outside `async with`")
         headers = await self._signed_headers(operation, body)
         async with session.post(
-            self._url, data=body, headers=headers, proxy=self._proxy, proxy_auth=self._proxy_auth
+            self._url,
+            data=_payload(body),
+            headers=headers,
+            proxy=self._proxy,
+            proxy_auth=self._proxy_auth,
         ) as response:
             payload = await response.read()
             status = response.status
@@ -234,6 +240,12 @@ class KinesisData(AwsJsonClient):
         for record in response.get("Records", ()):
             record["Data"] = b64decode(record["Data"])
         return response
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    """Large bodies (a batch of big items) as a stream: aiohttp writes a large `bytes` body to
+    the socket in one go, holding the event loop, and warns about it."""
+    return body if len(body) < LARGE_BODY else io.BytesIO(body)
 
 
 def _client_error(operation: str, status: int, headers: Any, payload: bytes) -> ClientError:

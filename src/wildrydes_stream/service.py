@@ -118,6 +118,7 @@ class Service:
                 self._stopping,
                 self._fail,
                 self.budget,
+                self.blocked,
             )
             self.pool.start()
             await self.supervisor.sync()

@@ -28,6 +28,7 @@ from wildrydes_stream.checkpoint.leases import AT_TIMESTAMP, LATEST, SHARD_END, 
 from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import LeaseLostError
+from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.source.poller import Dispatch, ShardPoller
@@ -64,8 +65,10 @@ class ShardSupervisor:
         stopping: asyncio.Event,
         on_failure: Callable[[BaseException], None],
         budget: ByteBudget | None = None,
+        blocked: BlockedCalls | None = None,
     ) -> None:
         self._kinesis = kinesis
+        self._blocked = blocked
         self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._on_failure = on_failure
         self._leases = leases
@@ -268,6 +271,7 @@ class ShardSupervisor:
             self._metrics,
             self._stopping,
             self._budget,
+            self._blocked,
         )
         owned = OwnedShard(lease, progress, poller)
         position, since = self._position(lease)

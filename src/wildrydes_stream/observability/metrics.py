@@ -87,9 +87,10 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.blocked.labels("BatchWriteItem").set(0)
-        for cause in ("permission", "credentials", "missing", "other"):
-            self.blocked_errors.labels("BatchWriteItem", cause)
+        for api in ("BatchWriteItem", "GetRecords", "GetShardIterator"):
+            self.blocked.labels(api).set(0)
+            for cause in ("permission", "credentials", "missing", "other"):
+                self.blocked_errors.labels(api, cause)
         self.throttles = Counter(
             "throttles_total",
             "Calls AWS answered with a throttling error.",

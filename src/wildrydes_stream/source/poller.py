@@ -21,9 +21,16 @@ from botocore.exceptions import ClientError
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import RecordError
+from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import DeadLetter, Envelope, decode_item
-from wildrydes_stream.retry import backoff_delay, error_code, is_throttle, is_transient
+from wildrydes_stream.retry import (
+    BLOCKING_FAULTS,
+    backoff_delay,
+    describe_error,
+    error_code,
+    fault_of,
+)
 from wildrydes_stream.waiting import wait_any, wait_or_timeout
 
 log = logging.getLogger(__name__)
@@ -60,8 +67,10 @@ class ShardPoller:
         metrics: Metrics,
         stopping: asyncio.Event,
         budget: ByteBudget | None = None,
+        blocked: BlockedCalls | None = None,
     ) -> None:
         self.shard_id = shard_id
+        self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self._client = client
         self._settings = settings
         self._progress = progress
@@ -84,6 +93,12 @@ class ShardPoller:
         at. AT_TIMESTAMP reads from it; so does an iterator renewed before the first record
         under LATEST, as a new LATEST would skip what arrived in between."""
         self._since = since
+        try:
+            await self._read(checkpoint)
+        except _Stopped:
+            return
+
+    async def _read(self, checkpoint: str) -> None:
         iterator: str | None = await self._iterator(checkpoint)
         last_call = 0.0
         attempt = 0
@@ -115,6 +130,7 @@ class ShardPoller:
                 attempt = await self._back_off("GetRecords", exc, attempt)
                 continue
             attempt = 0
+            self._blocked.succeeded("GetRecords")
             records = response.get("Records", [])
             self._hold_page(records, reserved)
             if records:
@@ -224,24 +240,40 @@ class ShardPoller:
         while True:
             try:
                 response = await self._client.get_shard_iterator(**kwargs)
-                return response.get("ShardIterator")  # type: ignore[no-any-return]
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
+                # Every fault is retried (a permission fixed, a stream recreated); the blocked
+                # ones are reported so an operator sees them.
                 attempt = await self._back_off("GetShardIterator", exc, attempt)
+                if self._stopping.is_set():
+                    raise _Stopped from None
+                continue
+            self._blocked.succeeded("GetShardIterator")
+            return response.get("ShardIterator")  # type: ignore[no-any-return]
 
     async def _back_off(self, api: str, exc: BaseException, attempt: int) -> int:
-        if is_throttle(exc):
+        fault = fault_of(exc)
+        if fault == "throttle":
             self._metrics.throttles.labels(api).inc()
         else:
             self._metrics.errors.labels(api).inc()
-            if not is_transient(exc):
-                log.error("%s failed", api, extra={"shard": self.shard_id, "error": str(exc)})
+        if fault in BLOCKING_FAULTS:
+            self._blocked.failed(
+                api,
+                fault,
+                f"{describe_error(exc)} -> check kinesis:{api} on stream "
+                f"{self._settings.stream_name} (stream_name, the role's policy)",
+            )
+        else:
+            log.debug("retrying %s", api, extra={"shard": self.shard_id, "error": str(exc)})
         s = self._settings
         await wait_or_timeout(
             self._stopping, backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds)
         )
         return attempt + 1
+
+
+class _Stopped(Exception):
+    """Stopping while waiting to retry: leave without reading, and without ending the shard."""
 
 
 def _epoch(value: datetime | float | None) -> float:
