@@ -73,11 +73,6 @@ async def test_large_records_on_many_shards_keep_resident_memory_flat(
         await wait_for(written_all, timeout=120, interval=0.1)
     finally:
         await service.close()
-        print(
-            "\n".join(
-                line for line in service.stderr.splitlines() if "retrying" in line or "rror" in line
-            )[-3000:]
-        )
     grown = peak - idle
     # The bound counts record bytes; the decoded items, the JSON pages and the write requests
     # built from them make a few copies (measured: +25 MiB at this bound). 48 MB went through
