@@ -155,7 +155,8 @@ class FaultProxy:
     def fail(
         self, operation: str, error: AwsError, times: int | None = 1, *, after: int = 0
     ) -> None:
-        """Answer `times` calls of `operation` (None: all until `clear`) with `error`."""
+        """Answer `times` calls of `operation` (None: all until `clear`) with `error`; `*` is
+        every operation."""
         self._rules.append(_Rule(operation, times, after, error=error))
 
     def unprocess(self, times: int | None = 1, *, forward: int | None = None) -> None:
@@ -184,7 +185,7 @@ class FaultProxy:
     def _take_rule(self, operation: str) -> _Rule | None:
         """The first live rule for `operation`, spending one of its calls."""
         for rule in self._rules:
-            if rule.operation != operation:
+            if rule.operation not in (operation, "*"):
                 continue
             if rule.after > 0:
                 rule.after -= 1

@@ -665,6 +665,18 @@ ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] =
         "WildrydesStreamThrottled",
         [{"severity": "warning", "api": "BatchWriteItem"}],
     ),
+    (
+        [_series("wildrydes_blocked", "0 0 1x10", api="BatchWriteItem")],
+        "9m",
+        "WildrydesStreamBlocked",
+        [{"severity": "critical", "api": "BatchWriteItem"}],
+    ),
+    (
+        [_series("wildrydes_blocked", "0 0 1 1 0x10", api="BatchWriteItem")],
+        "9m",
+        "WildrydesStreamBlocked",
+        [],
+    ),
 ]
 
 

@@ -350,3 +350,39 @@ def lambda_async(check: Any) -> Any:
         return bool(check())
 
     return condition
+
+
+async def test_an_outage_of_every_dynamodb_call_longer_than_a_lease_is_ridden_out(
+    resources: Settings, dynamodb_proxy: FaultProxy, kinesis: Any, dynamodb: Any
+) -> None:
+    # The lease table fails too: renewals fail past the lease duration, so the owner fences
+    # its own tenures, and takes its leases back once DynamoDB answers again.
+    settings = resources.replace(lease_duration_seconds=1.0)
+    records = make_records(900)
+    async with Service(settings) as service:
+        producer = asyncio.create_task(feed(kinesis, settings.stream_name, records))
+
+        async def some_written() -> bool:
+            return service.metrics.snapshot().written >= 100
+
+        await wait_for(some_written)
+        dynamodb_proxy.fail("*", DYNAMODB_UNAVAILABLE, times=None)
+
+        async def leases_dropped() -> bool:
+            assert service.exit_code == 0, "a stage failed"
+            return sample(service, "wildrydes_shards_owned") == 0
+
+        await wait_for(leases_dropped, timeout=30)
+        results = await producer
+        dynamodb_proxy.clear()
+
+        async def caught_up() -> bool:
+            assert service.exit_code == 0, "a stage failed"
+            return await table_keys(dynamodb, settings.table_name) == keys_of(records)
+
+        await wait_for(caught_up, timeout=60, interval=0.5)
+        await assert_checkpoints_cover_only_written_records(dynamodb, settings, records, results)
+        assert sample(service, "wildrydes_shards_owned") == 4
+        assert service.metrics.snapshot().dead_lettered == 0
+    assert service.exit_code == 0
+    assert dead_letters(settings) == []

@@ -1,0 +1,224 @@
+"""An outage drill: the service under steady load while DynamoDB answers 503 for a while.
+
+    python -m bench.outage                       # 200 records/s, 4 shards, a 90 s outage
+    python -m bench.outage --outage 20 --rate 100
+
+kinesalite and dynalite on loopback, the fault proxy of the tests in front of dynalite, and
+the service as a child process with its default settings. A producer puts `--rate` records a
+second (distinct keys) for the warm-up, the outage and the recovery. Then it reports what a
+user would check: every record produced in the table, nothing dead-lettered, /healthz
+throughout, how long after the outage the service was caught up, and its peak memory. Ends
+with one JSON line of the figures; exits 1 if anything is missing or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.session import get_session
+from tests.faultproxy import DYNAMODB_UNAVAILABLE, FaultProxy
+from tests.process import ServiceProcess, service_env
+from tests.test_process import metric_total
+
+from wildrydes_stream.config import Settings
+from wildrydes_stream.local.emulators import Emulator
+from wildrydes_stream.provision import ensure_stream, ensure_table
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "drill",
+    "AWS_SECRET_ACCESS_KEY": "drill",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+UNICORNS = 60
+
+
+def record(n: int) -> dict[str, Any]:
+    """The n-th aggregate: one a minute per unicorn, so every key is distinct."""
+    minute = n // UNICORNS
+    return {
+        "Name": f"Unicorn{n % UNICORNS:02d}",
+        "StatusTime": f"2016-02-{12 + minute // 1440:02d} "
+        f"{minute // 60 % 24:02d}:{minute % 60:02d}:00.000",
+        "Distance": 1000 + n % 500,
+        "MinMagicPoints": 100,
+        "MaxMagicPoints": 150,
+        "MinHealthPoints": 120,
+        "MaxHealthPoints": 150,
+    }
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Drill:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.produced = 0
+        self.health_failures = 0
+        self.peak_rss = 0.0
+        self.figures: dict[str, Any] = {}
+
+    async def produce(self, kinesis: Any, stream: str, seconds: float) -> None:
+        """`rate` records a second, put ten times a second."""
+        per_tick = max(1, int(self.args.rate / 10))
+        deadline = time.monotonic() + seconds
+        tick = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = [record(self.produced + i) for i in range(per_tick)]
+            entries = [{"Data": json.dumps(r).encode(), "PartitionKey": r["Name"]} for r in batch]
+            response = await kinesis.put_records(StreamName=stream, Records=entries)
+            assert response.get("FailedRecordCount", 0) == 0, response
+            self.produced += per_tick
+            tick += 0.1
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
+
+    async def watch(self, service: ServiceProcess, stop: asyncio.Event) -> None:
+        """Liveness and memory, once a second."""
+        while not stop.is_set():
+            status, _ = await service.get("/healthz")
+            self.health_failures += status != 200
+            self.peak_rss = max(self.peak_rss, rss_mib(service.pid))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def written(self, service: ServiceProcess) -> float:
+        _, text = await service.get("/metrics")
+        return metric_total(text, "wildrydes_records_written_total")
+
+    async def run(self) -> int:
+        args = self.args
+        os.environ.update(CREDENTIALS)
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            Emulator.start("kinesalite") as kinesis_emulator,
+            Emulator.start("dynalite") as dynamodb_emulator,
+        ):
+            settings = Settings(
+                stream_name="wildrydes-aggregated",
+                table_name="UnicornSensorData",
+                worker_id="drill",
+                http_host="127.0.0.1",
+                http_port=0,
+                deadletter_file=str(Path(tmp) / "deadletter.jsonl"),
+            )
+            proxy = FaultProxy(dynamodb_emulator.endpoint)
+            await proxy.start()
+            session = get_session()
+            endpoints = {
+                "AWS_ENDPOINT_URL_KINESIS": kinesis_emulator.endpoint,
+                "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_emulator.endpoint,
+            }
+            async with (
+                session.create_client(
+                    "kinesis", region_name="us-east-1", endpoint_url=kinesis_emulator.endpoint
+                ) as kinesis,
+                session.create_client(
+                    "dynamodb", region_name="us-east-1", endpoint_url=dynamodb_emulator.endpoint
+                ) as dynamodb,
+            ):
+                await ensure_stream(kinesis, settings.stream_name, args.shards)
+                await ensure_table(dynamodb, settings)
+                env = service_env(
+                    settings,
+                    {**CREDENTIALS, **endpoints, "AWS_ENDPOINT_URL_DYNAMODB": proxy.endpoint},
+                )
+                service = await ServiceProcess.start(env, "run")
+                try:
+                    await service.started()
+                    code = await self.drive(service, kinesis, dynamodb, proxy, settings)
+                finally:
+                    await service.close()
+                    await proxy.close()
+        print(json.dumps(self.figures))
+        return code
+
+    async def drive(
+        self,
+        service: ServiceProcess,
+        kinesis: Any,
+        dynamodb: Any,
+        proxy: FaultProxy,
+        settings: Settings,
+    ) -> int:
+        args = self.args
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(self.watch(service, stop))
+        producer = asyncio.create_task(
+            self.produce(kinesis, settings.stream_name, args.warmup + args.outage + args.after)
+        )
+        await asyncio.sleep(args.warmup)
+        calls = "DynamoDB call" if args.every_call else "BatchWriteItem"
+        print(f"outage: every {calls} answered 503 for {args.outage:g} s", flush=True)
+        proxy.fail("*" if args.every_call else "BatchWriteItem", DYNAMODB_UNAVAILABLE, times=None)
+        await asyncio.sleep(args.outage)
+        proxy.clear()
+        cleared = time.monotonic()
+        written_at_end = await self.written(service)
+        print(f"outage over; {self.produced - written_at_end:.0f} records waiting", flush=True)
+        await producer
+        while await self.written(service) < self.produced:
+            if time.monotonic() - cleared > args.outage + 300:
+                break
+            await asyncio.sleep(0.5)
+        caught_up = time.monotonic() - cleared
+        stop.set()
+        await watcher
+        _, metrics = await service.get("/metrics")
+        items = 0
+        paginator = dynamodb.get_paginator("scan")
+        async for page in paginator.paginate(TableName=settings.table_name, Select="COUNT"):
+            items += page["Count"]
+        dead = count_lines(Path(settings.deadletter_file))
+        self.figures = {
+            "rate_per_second": args.rate,
+            "shards": args.shards,
+            "outage_seconds": args.outage,
+            "produced": self.produced,
+            "in_table": items,
+            "missing": self.produced - items,
+            "dead_lettered": dead,
+            "failed_calls_during_outage": sum(proxy.injected.values()),
+            "healthz_failures": self.health_failures,
+            "caught_up_seconds_after_outage": round(caught_up, 1),
+            "peak_rss_mib": round(self.peak_rss, 1),
+            "dead_lettered_metric": metric_total(metrics, "wildrydes_records_dead_lettered_total"),
+        }
+        for key, value in self.figures.items():
+            print(f"  {key:32} {value}")
+        return 0 if items == self.produced and dead == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__)
+    parser.add_argument("--rate", type=float, default=200.0, help="records a second")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the outage")
+    parser.add_argument("--outage", type=float, default=90.0, help="seconds of 503s")
+    parser.add_argument("--after", type=float, default=15.0, help="load after the outage")
+    parser.add_argument(
+        "--every-call",
+        action="store_true",
+        help="fail every DynamoDB call (the lease table too), not only BatchWriteItem",
+    )
+    return asyncio.run(Drill(parser.parse_args()).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
