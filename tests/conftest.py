@@ -22,6 +22,7 @@ from tests.helpers import SHADOWFAX, client
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
 from wildrydes_stream.provision import ensure_stream, ensure_table
+from wildrydes_stream.service import Service
 
 _names = itertools.count()
 
@@ -193,3 +194,12 @@ async def queue_url(sqs: Any) -> str:
 async def bucket(s3: Any) -> str:
     await s3.create_bucket(Bucket="wildrydes-deadletter")
     return "wildrydes-deadletter"
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[list[Service]]:
+    """Services started by a test are stopped even when the test fails half way."""
+    services: list[Service] = []
+    yield services
+    for service in services:
+        await service.stop()

@@ -97,3 +97,12 @@ def unicorn_records(names: Iterable[str], minutes: int) -> list[dict[str, Any]]:
     """Aggregates for several unicorns: the real Shadowfax day, renamed per unicorn."""
     day = unicorn_day()[:minutes]
     return [{**record, "Name": name} for name in names for record in day]
+
+
+def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """wait_for takes an async condition; many conditions are plain checks."""
+
+    async def condition() -> bool:
+        return check()
+
+    return condition

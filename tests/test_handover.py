@@ -11,13 +11,13 @@ import asyncio
 import hashlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.faultproxy import DYNAMODB_INTERNAL, DYNAMODB_THROTTLED, FaultProxy
-from tests.helpers import put_records, scan_table, wait_for
+from tests.helpers import holds, put_records, scan_table, wait_for
 from tests.process import ServiceProcess, service_env
 from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
 from wildrydes_stream.config import Settings
@@ -27,36 +27,12 @@ from wildrydes_stream.source.shards import Shard, readable_shards, starting_posi
 from wildrydes_stream.waiting import wait_or_timeout
 
 if TYPE_CHECKING:
-    from tests.conftest import Emulators
+    pass
 
 pytestmark = pytest.mark.timeout(90)
 
 UNICORNS = ("Shadowfax", "Rocinante", "Bucephalus", "Pegasus", "Epona", "Artax")
 Key = tuple[str, str]
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[list[Service]]:
-    """Services started by a test are stopped even when the test fails half way."""
-    services: list[Service] = []
-    yield services
-    for service in services:
-        await service.stop()
-
-
-# `kinesis` and `dynamodb` first: the test's own clients keep talking to dynalite directly,
-# only services created later go through the proxy.
-@pytest.fixture
-async def dynamodb_proxy(
-    emulators: Emulators, kinesis: Any, dynamodb: Any, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(emulators.dynamodb.endpoint)
-    await proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.endpoint)
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 def records(minutes: range, names: tuple[str, ...] = UNICORNS) -> list[dict[str, Any]]:
@@ -95,13 +71,6 @@ def read_from(service: Service, shard: str) -> float:
         "wildrydes_records_read_total", {"shard": shard}
     )
     return value or 0.0
-
-
-def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def condition() -> bool:
-        return check()
-
-    return condition
 
 
 def written(service: Service, count: int) -> Callable[[], Awaitable[bool]]:

@@ -15,14 +15,13 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import put_records, scan_table, unicorn_day, wait_for
+from tests.helpers import holds, put_records, scan_table, unicorn_day, wait_for
 from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.provision import ensure_stream, ensure_table
@@ -76,24 +75,6 @@ def _dead_letters(settings: Settings) -> list[dict[str, Any]]:
 async def _lease_checkpoint(dynamodb: Any, settings: Settings, shard_id: str) -> str | None:
     lease = await LeaseTable(dynamodb, settings.lease_table_name, "test-reader").get(shard_id)
     return None if lease is None else lease.checkpoint
-
-
-async def _condition(check: Callable[[], bool]) -> bool:
-    return check()
-
-
-def _holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """wait_for takes an async condition; most conditions here are plain checks."""
-    return lambda: _condition(check)
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[list[Service]]:
-    """Services started by a test are stopped even when the test fails half way."""
-    services: list[Service] = []
-    yield services
-    for service in services:
-        await service.stop()
 
 
 def _assert_clean(service: Service, settings: Settings) -> None:
@@ -208,8 +189,8 @@ async def test_a_write_finishing_late_holds_the_checkpoint_back_until_it_lands(
 
     # Every earlier record and some later ones are in the table, and acknowledged...
     await wait_for(neighbours_landed)
-    await wait_for(_holds(lambda: service.metrics.snapshot().written > held_index))
-    await wait_for(_holds(lambda: (progress.checkpoint or 0) >= seqs[held_index - 1]))
+    await wait_for(holds(lambda: service.metrics.snapshot().written > held_index))
+    await wait_for(holds(lambda: (progress.checkpoint or 0) >= seqs[held_index - 1]))
     # ...yet the checkpoint stops just before the held record, in memory and in the table.
     assert progress.checkpoint == seqs[held_index - 1]
 
@@ -332,7 +313,7 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
         envelopes = [e for group in batch.values() for e in group]
         if any(e.shard_id == parent for e in envelopes):
             await produced.wait()
-            await wait_for(_holds(parent_read_to_end))
+            await wait_for(holds(parent_read_to_end))
         await write(self, batch)
         parent_written.update(e.sequence for e in envelopes if e.shard_id == parent)
 
@@ -449,7 +430,7 @@ async def test_latest_skips_records_put_before_start_and_reads_those_after(
     # An empty poll happened: the LATEST iterator exists, so what is put now comes after it.
     await asyncio.wait_for(poller.caught_up.wait(), 30)
     results = await put_records(kinesis, settings.stream_name, after)
-    await wait_for(_holds(lambda: service.metrics.snapshot().written >= len(after)))
+    await wait_for(holds(lambda: service.metrics.snapshot().written >= len(after)))
     await service.stop()
 
     items = {_item_key(i) for i in await scan_table(dynamodb, settings.table_name)}

@@ -28,7 +28,7 @@ from tests.faultproxy import (
     AwsError,
     FaultProxy,
 )
-from tests.helpers import put_records, wait_for
+from tests.helpers import holds, put_records, wait_for
 from tests.test_faults import dead_letters, keys_of, make_records, run_burst, sample, table_keys
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
@@ -330,7 +330,7 @@ async def test_reads_refused_for_a_while_are_retried_and_reported_not_fatal(
             return sample(service, "wildrydes_blocked", api=api) == 1
 
         await wait_for(reported)
-        await wait_for(lambda_async(lambda: kinesis_proxy.injected[api] >= 20), timeout=30)
+        await wait_for(holds(lambda: kinesis_proxy.injected[api] >= 20), timeout=30)
         assert await http_status(service, "/readyz") == 503
         assert await http_status(service, "/healthz") == 200
         kinesis_proxy.clear()
@@ -343,13 +343,6 @@ async def test_reads_refused_for_a_while_are_retried_and_reported_not_fatal(
         assert sample(service, "wildrydes_blocked", api=api) == 0
         assert await http_status(service, "/readyz") == 200
     assert await table_keys(dynamodb, resources.table_name) == keys_of(records)
-
-
-def lambda_async(check: Any) -> Any:
-    async def condition() -> bool:
-        return bool(check())
-
-    return condition
 
 
 async def test_an_outage_of_every_dynamodb_call_longer_than_a_lease_is_ridden_out(
