@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: setup local test lint bench provision clean
+.PHONY: setup local test lint bench outage provision clean
 
 setup: $(PY_STAMP) $(NODE_STAMP)
 
@@ -48,6 +48,10 @@ image:
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
+
+# A 90 s DynamoDB outage under load, on the emulators (README "When AWS fails").
+outage: setup
+	$(BIN)/python -m bench.outage $(ARGS)
 
 provision: $(PY_STAMP)
 	$(BIN)/python -m wildrydes_stream provision $(ARGS)
