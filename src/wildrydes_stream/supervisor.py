@@ -31,7 +31,7 @@ from wildrydes_stream.errors import LeaseLostError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
-from wildrydes_stream.source.poller import Dispatch, ShardPoller
+from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller
 from wildrydes_stream.source.shards import list_shards, readable_shards, starting_position
 from wildrydes_stream.waiting import wait_or_timeout
 
@@ -66,8 +66,10 @@ class ShardSupervisor:
         on_failure: Callable[[BaseException], None],
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
+        decode: Decode | None = None,
     ) -> None:
         self._kinesis = kinesis
+        self._decode = decode
         self._blocked = blocked
         self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._on_failure = on_failure
@@ -272,6 +274,7 @@ class ShardSupervisor:
             self._stopping,
             self._budget,
             self._blocked,
+            self._decode,
         )
         owned = OwnedShard(lease, progress, poller)
         position, since = self._position(lease)

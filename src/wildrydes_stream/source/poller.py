@@ -23,7 +23,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import DeadLetter, Envelope, decode_item
+from wildrydes_stream.records import DeadLetter, Envelope, ItemKey, decode_item
 from wildrydes_stream.retry import (
     BLOCKING_FAULTS,
     backoff_delay,
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # first page of large records cannot overshoot the byte bound by much.
 FIRST_RECORD_SIZE_GUESS = 64 * 1024
 
+Decode = Callable[[bytes], tuple[ItemKey, Any]]
+"""A record's data -> its routing key and payload; RecordError when the record is bad."""
 Dispatch = Callable[[Envelope], Awaitable[None]]
 """Hands a decoded record to the writers; waits while they are full."""
 SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
@@ -68,8 +70,12 @@ class ShardPoller:
         stopping: asyncio.Event,
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
+        decode: Decode | None = None,
     ) -> None:
         self.shard_id = shard_id
+        self._decode: Decode = decode or (
+            lambda data: decode_item(data, settings.status_time_format)
+        )
         self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self._client = client
         self._settings = settings
@@ -189,7 +195,7 @@ class ShardPoller:
             arrival = _epoch(record.get("ApproximateArrivalTimestamp"))
             progress.register(sequence)
             try:
-                key, item = decode_item(data, settings.status_time_format)
+                key, item = self._decode(data)
             except RecordError as exc:
                 bad.append(
                     DeadLetter(
