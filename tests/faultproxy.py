@@ -2,7 +2,8 @@
 
 No emulator throttles, fails or is slow on demand, so the proxy forwards every AWS JSON-protocol
 request to kinesalite or dynalite and, where a rule says so, answers with a real AWS error body,
-returns part of a BatchWriteItem in `UnprocessedItems`, or adds latency. The operation comes from
+returns part of a BatchWriteItem in `UnprocessedItems` (or fails part of a PutRecords), or adds
+latency. The operation comes from
 the `X-Amz-Target` header (`DynamoDB_20120810.BatchWriteItem` -> `BatchWriteItem`).
 
 Botocore signs the request including its Host header; the emulators do not verify signatures, so
@@ -164,6 +165,11 @@ class FaultProxy:
         table (default half, rounded down) and return the rest in UnprocessedItems."""
         self._rules.append(_Rule("BatchWriteItem", times, 0, forward=forward))
 
+    def fail_entries(self, times: int | None = 1, *, forward: int | None = None) -> None:
+        """For `times` PutRecords calls, put only the first `forward` records of each (default
+        half, rounded down) and answer the rest as throttled entries, as Kinesis does."""
+        self._rules.append(_Rule("PutRecords", times, 0, forward=forward))
+
     def garble(self, operation: str, times: int | None = 1) -> None:
         """Answer `times` calls of `operation` with a 200 whose body is not JSON (as a broken
         middlebox might), CRC32 intact so only the body itself is wrong."""
@@ -237,6 +243,9 @@ class FaultProxy:
             if status == 200:
                 answer["MillisBehindLatest"] = rule.behind_ms
             return _json_response(status, target, json.dumps(answer).encode())
+        if rule is not None and operation == "PutRecords":
+            self.injected[operation] += 1
+            return await self._partial_put_records(request, body, rule.forward)
         if rule is not None:
             self.injected[operation] += 1
             return await self._partial_batch_write(request, body, rule.forward)
@@ -283,6 +292,29 @@ class FaultProxy:
         for table, writes in held.items():
             unprocessed.setdefault(table, []).extend(writes)
         return _json_response(200, request.headers["X-Amz-Target"], json.dumps(result).encode())
+
+    async def _partial_put_records(
+        self, request: web.Request, body: bytes, forward: int | None
+    ) -> web.Response:
+        call = json.loads(body)
+        records: list[Any] = call["Records"]
+        keep = len(records) // 2 if forward is None else min(forward, len(records))
+        target = request.headers["X-Amz-Target"]
+        results: list[dict[str, Any]] = []
+        if keep:  # PutRecords refuses an empty request: with nothing to send, send nothing
+            status, _, payload = await self._forward(
+                request, json.dumps({**call, "Records": records[:keep]}).encode()
+            )
+            if status != 200:
+                return _json_response(status, target, payload)
+            results = json.loads(payload)["Records"]
+        throttled = {
+            "ErrorCode": KINESIS_THROTTLED.type,
+            "ErrorMessage": KINESIS_THROTTLED.message,
+        }
+        results += [dict(throttled) for _ in records[keep:]]
+        answer = {"FailedRecordCount": len(records) - keep, "Records": results}
+        return _json_response(200, target, json.dumps(answer).encode())
 
 
 def _error_response(target: str, error: AwsError) -> web.Response:

@@ -1,5 +1,5 @@
 """Command line: `run` (the service), `local` (everything on this machine), `provision`,
-`redrive` (dead letters back into the table), `settings`."""
+`redrive` (dead letters back into the table), `settings`, `produce` (the workshop's producer)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -19,6 +19,9 @@ from wildrydes_stream import __version__
 from wildrydes_stream.config import CONFIG_FILE_ENV, Settings, describe, load_settings
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
+
+if TYPE_CHECKING:
+    from wildrydes_stream.produce.producer import ProduceOptions
 
 log = logging.getLogger("wildrydes_stream")
 
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="retries of a failed write before the record stays dead-lettered (default 10; "
         "-1 retries for as long as the fault lasts)",
     )
+    _add_produce(commands)
     listing = commands.add_parser("settings", help="print every setting, its variable and default")
     listing.add_argument(
         "--format",
@@ -88,11 +92,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _add_produce(commands: Any) -> None:
+    produce = commands.add_parser(
+        "produce",
+        help="put simulated unicorn readings on a stream once a second (the workshop's producer)",
+        description="Puts one raw sensor reading a second per unicorn on a Kinesis stream and "
+        "prints a dot per record, as the workshop's Go producer did (its one-dash flags "
+        "-name, -stream, -region work too). Needs no service settings.",
+    )
+    # The Go producer's flags had one dash: accept both spellings.
+    produce.add_argument(
+        "-name",
+        "--name",
+        default="Shadowfax",
+        help="the (first) unicorn's name (default %(default)s)",
+    )
+    produce.add_argument(
+        "-stream", "--stream", default="wildrydes", help="stream to put on (default %(default)s)"
+    )
+    produce.add_argument(
+        "-region",
+        "--region",
+        help="AWS region (default: $AWS_REGION, $AWS_DEFAULT_REGION or the profile's)",
+    )
+    produce.add_argument(
+        "--unicorns", type=_positive(int), default=1, metavar="N", help="unicorns to simulate"
+    )
+    produce.add_argument(
+        "--speed",
+        type=_positive(float),
+        default=1.0,
+        metavar="S",
+        help="simulated seconds per real second (StatusTime follows simulated time)",
+    )
+    produce.add_argument(
+        "--count", type=_positive(int), metavar="N", help="stop after N records in all"
+    )
+    produce.add_argument(
+        "--duration", type=_positive(float), metavar="SECONDS", help="stop after this long"
+    )
+    produce.add_argument(
+        "--quiet", action="store_true", help="no dots: only the summary line at the end"
+    )
+    produce.add_argument("--seed", type=int, help="random seed, to replay the same readings")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "settings":
         print(render_settings(args.format))
         return 0
+    if args.command == "produce":
+        return _produce_command(args)
     try:
         settings = load_settings(args.config)
     except WildrydesError as exc:
@@ -193,6 +258,60 @@ async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> 
     report = await redrive(settings, source, max_retry_attempts)
     print(report.line())
     return 0 if report.failed == 0 else 1
+
+
+def _produce_command(args: argparse.Namespace) -> int:
+    from wildrydes_stream.produce.producer import ProduceOptions
+
+    # The producer needs none of the service's settings, only an AWS region and a stream.
+    options = ProduceOptions(
+        stream=args.stream,
+        name=args.name,
+        unicorns=args.unicorns,
+        speed=args.speed,
+        count=args.count,
+        duration=args.duration,
+        quiet=args.quiet,
+        seed=args.seed,
+    )
+    try:
+        region = produce_region(args.region)
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run_loop(_produce(options, region))
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, ClientError) as exc:
+        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def produce_region(flag: str | None) -> str:
+    """-region wins over the environment and the profile, as the Go producer's flag did."""
+    if flag:
+        return flag
+    from aiobotocore.session import get_session
+
+    from wildrydes_stream.aws import region_name
+
+    return region_name(get_session())
+
+
+async def _produce(options: ProduceOptions, region: str) -> int:
+    from aiobotocore.session import get_session
+
+    from wildrydes_stream.aws import DATA_PATH
+    from wildrydes_stream.produce.producer import Producer
+
+    # DATA_PATH: no botocore retries, the producer retries (and counts) throttles itself.
+    async with get_session().create_client("kinesis", region_name=region, config=DATA_PATH) as k:
+        producer = Producer(k, options)
+        install_signal_handlers(producer.request_stop)
+        await producer.run()
+    return 0
 
 
 async def _provision(settings: Settings, shards: int) -> int:

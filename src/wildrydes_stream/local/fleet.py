@@ -1,9 +1,8 @@
 """A simulated fleet of unicorns putting per-minute aggregates on the stream.
 
-Follows the workshop producer: each second a unicorn's Distance is a per-run base in
-[100, 199] plus 0..19, and its magic and health points start at 150 and move by -1, 0 or +1.
-A minute aggregate sums Distance and keeps the min and max of the points. Simulated minutes
-pass faster than real ones (`rate` a second), so a demo fills the table quickly.
+Each unicorn is the producer's model (produce/model.py): a minute aggregate is 60 of its
+once-a-second readings, Distance summed, min and max of the points kept. Simulated minutes pass
+faster than real ones (`rate` a second), so a demo fills the table quickly.
 """
 
 from __future__ import annotations
@@ -16,54 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from wildrydes_stream.produce.model import NAMES, Unicorn
 from wildrydes_stream.records import status_time_to_epoch_ms
 
-NAMES = (
-    "Shadowfax",
-    "Rocinante",
-    "Bucephalus",
-    "Pegasus",
-    "Epona",
-    "Artax",
-    "Brego",
-    "Silver",
-    "Trigger",
-    "Binky",
-    "Falada",
-    "Sleipnir",
-)
-
-
-@dataclass
-class Unicorn:
-    name: str
-    rng: random.Random
-    base: int = 0
-    magic: int = 150
-    health: int = 150
-
-    def __post_init__(self) -> None:
-        self.base = self.rng.randint(100, 199)
-
-    def minute(self, start: datetime) -> dict[str, Any]:
-        """One minute of once-a-second readings, aggregated."""
-        distance = 0
-        magic_seen, health_seen = [], []
-        for _ in range(60):
-            distance += self.base + self.rng.randint(0, 19)
-            self.magic += self.rng.choice((-1, 0, 1))
-            self.health += self.rng.choice((-1, 0, 1))
-            magic_seen.append(self.magic)
-            health_seen.append(self.health)
-        return {
-            "Name": self.name,
-            "StatusTime": start.strftime("%Y-%m-%d %H:%M:%S.000"),
-            "Distance": distance,
-            "MinMagicPoints": min(magic_seen),
-            "MaxMagicPoints": max(magic_seen),
-            "MinHealthPoints": min(health_seen),
-            "MaxHealthPoints": max(health_seen),
-        }
+__all__ = ["NAMES", "Fleet", "Unicorn"]
 
 
 @dataclass
