@@ -37,6 +37,7 @@ from wildrydes_stream.records import Envelope, ItemKey
 from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
 from wildrydes_stream.sink.deadletter_s3 import S3Destination
 from wildrydes_stream.sink.deadletter_sqs import SqsDestination
+from wildrydes_stream.source.poller import ShardState
 from wildrydes_stream.supervisor import ShardSupervisor
 from wildrydes_stream.waiting import wait_or_timeout
 
@@ -80,7 +81,10 @@ class Wiring:
 
 
 class Application(Protocol):
-    """What one use of the consumer adds: decoding, a start-up check and the sink."""
+    """What one use of the consumer adds: decoding, a start-up check and the sink, and the
+    per-shard state that moves with a lease (None when it keeps none)."""
+
+    state: ShardState | None
 
     def decode(self, data: bytes) -> tuple[ItemKey, Any]:
         """A record's routing key and payload; RecordError when the record is bad."""
@@ -171,6 +175,7 @@ class Consumer:
                 self.budget,
                 self.blocked,
                 self.application.decode,
+                self.application.state,
             )
             self.sink.start()
             await self.supervisor.sync()

@@ -17,12 +17,15 @@ from wildrydes_stream.consumer import FINAL_CHECKPOINT_TIMEOUT, Consumer, Wiring
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.records import Item, ItemKey, decode_item
 from wildrydes_stream.sink.dynamodb import WriterPool
+from wildrydes_stream.source.poller import ShardState
 
 __all__ = ["FINAL_CHECKPOINT_TIMEOUT", "Service", "TableCopy"]
 
 
 class TableCopy:
     """Each record becomes one item of `table_name`."""
+
+    state: ShardState | None = None
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -31,7 +31,7 @@ from wildrydes_stream.errors import LeaseLostError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
-from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller
+from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller, ShardState
 from wildrydes_stream.source.shards import list_shards, readable_shards, starting_position
 from wildrydes_stream.waiting import wait_or_timeout
 
@@ -67,9 +67,11 @@ class ShardSupervisor:
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
         decode: Decode | None = None,
+        state: ShardState | None = None,
     ) -> None:
         self._kinesis = kinesis
         self._decode = decode
+        self._state = state
         self._blocked = blocked
         self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._on_failure = on_failure
@@ -130,7 +132,8 @@ class ShardSupervisor:
             )
             if lease is None or lease.at_shard_end:
                 continue
-            self._start(lease)
+            parents = [leases[p] for p in shard.parents if p in leases]
+            self._start(lease, [p.state for p in parents if p.state is not None])
             started.append(shard.shard_id)
         stolen = await self._steal_one(
             [leases[s.shard_id] for s in readable if s.shard_id in leases]
@@ -261,7 +264,12 @@ class ShardSupervisor:
             return LATEST, since
         return AT_TIMESTAMP, since
 
-    def _start(self, lease: Lease) -> None:
+    def _start(self, lease: Lease, inherited: list[bytes] | None = None) -> None:
+        """Read the shard from its lease's checkpoint, with the application's state as of that
+        checkpoint (or, for a child not yet checkpointed, its parents' final states)."""
+        if self._state is not None:
+            own = [lease.state] if lease.state is not None else None
+            self._state.restore(lease.shard_id, own or inherited or [])
         progress = ShardProgress(lease.shard_id)
         poller = ShardPoller(
             lease.shard_id,
@@ -292,7 +300,8 @@ class ShardSupervisor:
             if not owned.progress.ended:
                 return  # stopping or fenced: the final checkpoint happens in checkpoint_all
             await owned.progress.drained.wait()
-            await self._checkpoint(owned, SHARD_END)
+            await self._checkpoint(owned, SHARD_END, self._snapshot(owned, None))
+            self._forget(owned)
             self.history.append(("end", owned.shard_id))
             self._let_go(owned)
             self._wake.set()
@@ -313,14 +322,24 @@ class ShardSupervisor:
             "lease lost, no longer reading shard: %s", reason, extra={"shard": owned.shard_id}
         )
         owned.progress.fence()
+        self._forget(owned)
         self._let_go(owned)
         if owned.task is not None and owned.task is not asyncio.current_task():
             owned.task.cancel()
 
-    async def _checkpoint(self, owned: OwnedShard, value: str) -> None:
+    def _snapshot(self, owned: OwnedShard, upto: int | None) -> bytes | None:
+        if self._state is None:
+            return None
+        return self._state.snapshot(owned.shard_id, upto)
+
+    def _forget(self, owned: OwnedShard) -> None:
+        if self._state is not None:
+            self._state.forget(owned.shard_id)
+
+    async def _checkpoint(self, owned: OwnedShard, value: str, state: bytes | None = None) -> None:
         if owned.progress.fenced:
             raise LeaseLostError(owned.shard_id)  # whatever it finished is not ours to store
-        await self._leases.checkpoint(owned.lease, value)
+        await self._leases.checkpoint(owned.lease, value, state)
         owned.checkpointed_at = time.monotonic()
         self._metrics.checkpoints.labels(owned.shard_id).inc()
 
@@ -333,7 +352,7 @@ class ShardSupervisor:
             if owned.lease.at_shard_end:
                 continue
             try:
-                await self._checkpoint(owned, str(done))
+                await self._checkpoint(owned, str(done), self._snapshot(owned, done))
             except LeaseLostError:
                 self._drop(owned, "lease taken by another worker")
 
@@ -355,6 +374,7 @@ class ShardSupervisor:
                 await self._leases.release(owned.lease)
             except Exception:
                 log.exception("could not release lease", extra={"shard": owned.shard_id})
+            self._forget(owned)
             self._let_go(owned)
 
     def _let_go(self, owned: OwnedShard) -> None:

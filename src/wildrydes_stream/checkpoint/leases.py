@@ -46,6 +46,9 @@ class Lease:
     """`startingTimestamp`: where a LATEST or AT_TIMESTAMP checkpoint starts (epoch ms)."""
     starting_inherited: bool = False
     """`starting_ms` was recorded by an earlier tenure (not by this take or create)."""
+    state: bytes | None = None
+    """`wildrydesState`: the application's state of the shard as of `checkpoint` (windows
+    still open, alert states), written with it in one conditional update."""
     confirmed_at: float = field(default=0.0, compare=False)
     """Monotonic time at which the last write that proved we hold the lease was sent."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
@@ -226,20 +229,26 @@ class LeaseTable:
 
         await self._serialized(lease, write)
 
-    async def checkpoint(self, lease: Lease, checkpoint: str) -> None:
-        """Store progress; LeaseLostError when this worker no longer holds the lease."""
+    async def checkpoint(self, lease: Lease, checkpoint: str, state: bytes | None = None) -> None:
+        """Store progress, and with it the application's `state` as of that checkpoint (the
+        same conditional write, so a new owner never sees one without the other);
+        LeaseLostError when this worker no longer holds the lease."""
 
         async def write() -> None:
             if lease.at_shard_end:
                 return  # a prefix checkpoint queued behind SHARD_END must not move it back
-            await self._owned_update(
-                lease,
+            expression = (
                 "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
-                "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next",
-                {":cp": {"S": checkpoint}, ":zero": {"N": "0"}},
-                names={"#cp": "checkpoint"},
+                "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next"
             )
+            values: dict[str, Any] = {":cp": {"S": checkpoint}, ":zero": {"N": "0"}}
+            if state is not None:
+                expression += ", wildrydesState = :state"
+                values[":state"] = {"B": state}
+            await self._owned_update(lease, expression, values, names={"#cp": "checkpoint"})
             lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
+            if state is not None:
+                lease.state = state
 
         await self._serialized(lease, write)
 
@@ -331,4 +340,5 @@ def _from_item(item: dict[str, Any]) -> Lease:
         parents=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
         owner_switches=int(item.get("ownerSwitchesSinceCheckpoint", {}).get("N", "0")),
         starting_ms=int(starting) if starting is not None else None,
+        state=item.get("wildrydesState", {}).get("B"),
     )
