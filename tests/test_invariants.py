@@ -321,10 +321,12 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
     shard_ends: list[tuple[str, int]] = []
     checkpoint = LeaseTable.checkpoint
 
-    async def record_shard_end(self: LeaseTable, lease: Lease, value: str) -> None:
+    async def record_shard_end(
+        self: LeaseTable, lease: Lease, value: str, state: bytes | None = None
+    ) -> None:
         if value == SHARD_END:
             shard_ends.append((lease.shard_id, len(parent_written)))
-        await checkpoint(self, lease, value)
+        await checkpoint(self, lease, value, state)
 
     monkeypatch.setattr(BatchWriter, "write", parent_waits)
     monkeypatch.setattr(LeaseTable, "checkpoint", record_shard_end)
