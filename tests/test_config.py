@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from wildrydes_stream import aws
-from wildrydes_stream.config import Settings, load_settings
+from wildrydes_stream.config import Settings, load, load_settings
 from wildrydes_stream.errors import ConfigError
 
 
@@ -210,6 +211,14 @@ def test_region_comes_from_aws_region_when_aws_default_region_is_unset(
     assert aws.region_name() == "eu-west-1"
 
 
+def test_aws_region_wins_over_aws_default_region_as_in_the_aws_cli(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-2")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert aws.region_name() == "eu-west-1"
+
+
 def test_region_from_aws_default_region(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-2")
@@ -239,3 +248,65 @@ async def test_aws_clients_use_aws_region_when_aws_default_region_is_unset(
         assert clients.kinesis.meta.region_name == "eu-central-1"
         assert clients.dynamodb.meta.region_name == "eu-central-1"
         assert clients.dynamodb_control.meta.region_name == "eu-central-1"
+
+
+def test_a_misspelt_variable_is_reported_with_a_guess() -> None:
+    loaded = load(environ={"WILDRYDES_BATCHSIZE": "10", "WILDRYDES_WRITER": "2"})
+    assert loaded.warnings == [
+        "environment variable WILDRYDES_BATCHSIZE is not a setting and is ignored; "
+        "did you mean WILDRYDES_BATCH_SIZE?",
+        "environment variable WILDRYDES_WRITER is not a setting and is ignored; "
+        "did you mean WILDRYDES_WRITERS?",
+    ]
+    assert loaded.settings == Settings()
+
+
+def test_strict_makes_an_unknown_variable_an_error() -> None:
+    with pytest.raises(ConfigError, match="WILDRYDES_BATCHSIZE"):
+        load(environ={"WILDRYDES_BATCHSIZE": "10"}, strict=True)
+
+
+def test_variables_that_are_not_settings_by_design_are_not_reported() -> None:
+    environ = {"WILDRYDES_STRICT": "1", "WILDRYDES_CONFIG": "", "WILDRYDES_NODE_MODULES": "x"}
+    assert load(environ=environ).warnings == []
+
+
+def test_starting_timestamp_without_at_timestamp_is_reported() -> None:
+    loaded = load(environ={"WILDRYDES_STARTING_TIMESTAMP": "2026-01-01T00:00:00"})
+    assert len(loaded.warnings) == 1
+    assert "starting_timestamp" in loaded.warnings[0]
+    assert "no effect with starting_position TRIM_HORIZON" in loaded.warnings[0]
+
+
+def test_each_setting_says_where_its_value_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text("writers = 4\nbatch_size = 10\n")
+    loaded = load(path, environ={"WILDRYDES_BATCH_SIZE": "20"})
+    assert loaded.sources["writers"] == f"{path}: writers"
+    assert loaded.sources["batch_size"] == "environment variable WILDRYDES_BATCH_SIZE"
+    assert loaded.sources["queue_size"] == "default"
+    assert (loaded.settings.writers, loaded.settings.batch_size) == (4, 20)
+
+
+@pytest.mark.parametrize("kind", ["directory", "unreadable", "not-utf8"])
+def test_a_config_path_that_cannot_be_read_is_one_config_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "settings.toml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "unreadable":
+        path.write_text("writers = 2\n")
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: make it unreadable otherwise
+            path.unlink()
+            path.symlink_to(path)  # a symlink loop: open() fails with ELOOP
+    else:
+        path.write_bytes(b"writers = \xff\n")
+    with pytest.raises(ConfigError, match=f"config file {path}"):
+        load_settings(path, environ={})
+
+
+def test_an_unknown_setting_in_the_file_gets_a_guess(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text("batchsize = 10\n")
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_settings(path, environ={})

@@ -432,7 +432,11 @@ def test_service_and_disruption_budget_select_the_pods() -> None:
 def test_configmap_holds_valid_settings_and_known_variables_only() -> None:
     data = d.manifests()["ConfigMap"]["data"]
     known = {name for _, names, _, _ in describe() for name in names.split(" / ")}
+    # A typo in the ConfigMap must stop the pod, not silently mean the default.
+    assert data.get("WILDRYDES_STRICT") == "1"
     for key in data:
+        if key == "WILDRYDES_STRICT":
+            continue
         if key.startswith(ENV_PREFIX):
             assert key in known, f"{key} is not a setting"
         else:

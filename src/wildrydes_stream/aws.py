@@ -34,7 +34,9 @@ CONTROL_PATH = AioConfig(
 
 
 def region_name(session: AioSession | None = None) -> str:
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    # The AWS CLI and the SDKs prefer AWS_REGION to AWS_DEFAULT_REGION; botocore reads only
+    # the latter, so the order is set here.
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region and session is not None:
         region = session.get_config_variable("region")
     if not region:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wildrydes_stream import __version__
-from wildrydes_stream.config import CONFIG_FILE_ENV, Settings, describe, load_settings
+from wildrydes_stream.config import CONFIG_FILE_ENV, Loaded, Settings, describe, load
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
 
@@ -39,11 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML settings file (default: $WILDRYDES_CONFIG); WILDRYDES_* variables override it",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="unknown WILDRYDES_* variables and settings without effect are errors (exit 2); "
+        "also WILDRYDES_STRICT=1",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("run", help="run the service until SIGTERM or SIGINT")
+    _settings_options(commands.add_parser("run", help="run the service until SIGTERM or SIGINT"))
     local = commands.add_parser(
         "local", help="run emulators, a simulated unicorn fleet and the service on this machine"
     )
+    _settings_options(local)
     local.add_argument(
         "--duration",
         type=float,
@@ -61,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     provision = commands.add_parser(
         "provision", help="create the stream and the table if missing (development)"
     )
+    _settings_options(provision)
     provision.add_argument("--shards", type=int, default=4, help="shards of a new stream")
     redrive = commands.add_parser(
         "redrive",
         help="write dead-lettered records back into the table, once the cause is fixed",
     )
+    _settings_options(redrive)
     redrive.add_argument(
         "--from",
         dest="source",
@@ -82,14 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
         "-1 retries for as long as the fault lasts)",
     )
     _add_produce(commands)
-    listing = commands.add_parser("settings", help="print every setting, its variable and default")
+    listing = commands.add_parser(
+        "settings", help="print every setting, its variable and default, or those in effect"
+    )
+    _settings_options(listing)
     listing.add_argument(
         "--format",
         choices=("text", "markdown", "toml"),
         default="text",
         help="markdown: the README's table; toml: an example settings file",
     )
+    listing.add_argument(
+        "--effective",
+        action="store_true",
+        help="the settings in effect here (defaults, --config file, WILDRYDES_* variables) "
+        "and where each came from",
+    )
     return parser
+
+
+def _settings_options(command: argparse.ArgumentParser) -> None:
+    """--config and --strict after the subcommand too (SUPPRESS keeps the value given before
+    it when they are not repeated)."""
+    command.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML settings file"
+    )
+    command.add_argument(
+        "--strict",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="unknown variables and settings without effect are errors",
+    )
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -153,16 +186,23 @@ def _add_produce(commands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "settings":
+    if args.command == "settings" and not args.effective:
         print(render_settings(args.format))
         return 0
     if args.command == "produce":
         return _produce_command(args)
+    strict = args.strict or os.environ.get("WILDRYDES_STRICT", "").lower() in ("1", "true", "yes")
     try:
-        settings = load_settings(args.config)
+        loaded = load(args.config, strict=strict)
     except WildrydesError as exc:
         print(f"wildrydes-stream: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    settings = loaded.settings
+    if args.command == "settings":
+        print(render_effective(loaded))
+        for warning in loaded.warnings:
+            print(f"wildrydes-stream: warning: {warning}", file=sys.stderr)
+        return 0
     if args.command == "local" and not (args.config or os.environ.get(CONFIG_FILE_ENV)):
         # The live summary is the output here: keep logs to warnings unless asked otherwise.
         if "WILDRYDES_LOG_LEVEL" not in os.environ:
@@ -170,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "WILDRYDES_LOG_FORMAT" not in os.environ:
             settings = settings.replace(log_format="text")
     configure_logging(settings.log_format, settings.log_level)
+    for warning in loaded.warnings:
+        log.warning(warning)
     try:
         if args.command == "run":
             return _run_loop(_serve(settings))
@@ -190,6 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
+
+
+def render_effective(loaded: Loaded) -> str:
+    """The settings in effect, as TOML (so the output can be saved and used as a file), each
+    with where its value came from."""
+    lines = []
+    for name, value in dataclasses.asdict(loaded.settings).items():
+        text = json.dumps(value) if isinstance(value, str) else repr(value)
+        lines.append(f"{name} = {text}  # {loaded.sources[name]}")
+    return "\n".join(lines)
 
 
 def render_settings(fmt: str) -> str:

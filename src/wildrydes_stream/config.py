@@ -7,6 +7,7 @@ README's configuration table and the validation come from the same place.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import socket
 import tomllib
@@ -212,10 +213,38 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+# WILDRYDES_* variables that are not settings.
+OTHER_VARIABLES = frozenset(
+    {CONFIG_FILE_ENV, "WILDRYDES_STRICT", "WILDRYDES_NODE_MODULES", "WILDRYDES_SHARED_DATA"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """Settings in effect, where each came from, and what looked wrong but was not fatal."""
+
+    settings: Settings
+    sources: dict[str, str]
+    """Setting name -> `default`, `<file>` or `environment variable <NAME>`."""
+    warnings: list[str]
+    """One line each: unknown WILDRYDES_* variables, settings without effect."""
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Defaults, overridden by the TOML file, overridden by the environment; then validated."""
+    return load(path, environ).settings
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    strict: bool = False,
+) -> Loaded:
+    """`load_settings`, telling where each value came from. Unknown WILDRYDES_* variables and
+    settings that have no effect are warnings, or a ConfigError under `strict`."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_FILE_ENV) or None
     raw: dict[str, tuple[Any, str]] = {}
@@ -228,7 +257,34 @@ def load_settings(
             if env in environ:
                 raw[name] = (environ[env], f"environment variable {env}")
     values = {name: _coerce(fields[name], value, where) for name, (value, where) in raw.items()}
-    return _validate(Settings(**values))
+    settings = _validate(Settings(**values))
+    sources = {name: raw[name][1] if name in raw else "default" for name in fields}
+    warnings = _unknown_variables(environ) + _without_effect(settings, sources)
+    if strict and warnings:
+        raise ConfigError(f"{warnings[0]} (strict: WILDRYDES_STRICT / --strict)")
+    return Loaded(settings, sources, warnings)
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    lines = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable in known | OTHER_VARIABLES:
+            continue
+        guess = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        lines.append(f"environment variable {variable} is not a setting and is ignored{hint}")
+    return lines
+
+
+def _without_effect(settings: Settings, sources: Mapping[str, str]) -> list[str]:
+    lines = []
+    if settings.starting_timestamp and settings.starting_position != "AT_TIMESTAMP":
+        lines.append(
+            f"starting_timestamp ({sources['starting_timestamp']}) has no effect with "
+            f"starting_position {settings.starting_position}: set it to AT_TIMESTAMP or drop it"
+        )
+    return lines
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -239,10 +295,17 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {field.name for field in dataclasses.fields(Settings)}
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"config file {path} cannot be read: {reason}") from None
+    known = sorted(field.name for field in dataclasses.fields(Settings))
     for key in data:
         if key not in known:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            guess = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
     return data
 
 
