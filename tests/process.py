@@ -74,7 +74,11 @@ class ServiceProcess:
         ]
 
     @classmethod
-    async def start(cls, env: Mapping[str, str], *args: str) -> ServiceProcess:
+    async def start(
+        cls, env: Mapping[str, str], *args: str, own_group: bool = False
+    ) -> ServiceProcess:
+        """`own_group`: in a process group of its own, as a shell runs a command, so a test
+        can send a signal to the whole group as Ctrl-C does."""
         process = await asyncio.create_subprocess_exec(
             PYTHON,
             "-m",
@@ -84,6 +88,7 @@ class ServiceProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=own_group,
         )
         return cls(process)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
+import time
 from datetime import UTC, datetime
 
-from tests.process import bare_env, run_to_exit
+from tests.helpers import holds, wait_for
+from tests.process import ServiceProcess, bare_env, run_to_exit
 from wildrydes_stream.local.fleet import Unicorn
 
 
@@ -43,3 +47,21 @@ async def test_local_runs_the_pipeline_and_finds_every_record_in_the_table() -> 
     assert int(produced.group(1)) > 0
     assert f"OK: all {produced.group(1)} records are in UnicornSensorData" in stdout
     assert "written" in stdout  # the live summary was printed
+
+
+async def test_ctrl_c_stops_local_cleanly_and_quickly() -> None:
+    # Ctrl-C reaches the whole foreground process group: the emulators must not die first.
+    env = bare_env(WILDRYDES_HTTP_PORT="0", WILDRYDES_HTTP_HOST="127.0.0.1")
+    local = await ServiceProcess.start(env, "local", "--unicorns", "2", own_group=True)
+    try:
+        await wait_for(holds(lambda: "produced" in local.stdout), timeout=60)
+        os.killpg(local.pid, signal.SIGINT)
+        sent = time.monotonic()
+        code = await local.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        await local.close()
+    assert code == 0, local.stderr
+    assert took < 10, took
+    assert "OK: all" in local.stdout, local.stdout
+    assert "Traceback" not in local.stderr, local.stderr

@@ -92,6 +92,9 @@ class Emulator:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "NODE_PATH": str(modules)},
+            # A session of its own: Ctrl-C in a terminal signals the whole foreground group,
+            # and the emulators must outlive the service's drain; they are stopped after it.
+            start_new_session=True,
         )
         port = _read_port(process, kind, timeout)
         return cls(kind, port, process)
