@@ -43,7 +43,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     WILDRYDES_DEADLETTER_FILE=/var/lib/wildrydes-stream/deadletter.jsonl \
-    WILDRYDES_HTTP_PORT=8080
+    WILDRYDES_HTTP_PORT=8080 \
+    WILDRYDES_REVISION=${REVISION}
 
 # The dead-letter file lives here; on Kubernetes an emptyDir is mounted over it, so the root
 # filesystem can stay read-only.

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import holds, put_records, scan_table, unicorn_day, wait_for
+from tests.test_faults import make_records
 from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.config import Settings
 from wildrydes_stream.provision import ensure_stream, ensure_table
@@ -586,3 +587,28 @@ async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
     leases = await LeaseTable(dynamodb, settings.lease_table_name, "reader").all()
     assert [leases[parent].checkpoint for parent in parents] == [SHARD_END, SHARD_END]
     assert set(leases[child].parents) == set(parents)
+
+
+async def test_a_quiet_shard_does_not_look_stale(
+    one_shard: Settings, kinesis: Any, running: list[Service]
+) -> None:
+    await put_records(kinesis, one_shard.stream_name, make_records(10))
+    service = Service(one_shard)
+    running.append(service)
+    await service.start()
+
+    def age() -> float:
+        value = service.metrics.registry.get_sample_value(
+            "wildrydes_checkpoint_age_seconds", {"shard": "shardId-000000000000"}
+        )
+        assert value is not None
+        return value
+
+    await wait_for(holds(lambda: service.metrics.snapshot().written == 10))
+    # Checkpointed everything read, then nothing more arrives: the age stays at 0 however
+    # long the shard is quiet (10 checkpoint intervals here).
+    await wait_for(holds(lambda: age() < 0.05))
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < 10 * one_shard.checkpoint_interval_seconds:
+        assert age() < 0.05
+        await asyncio.sleep(one_shard.checkpoint_interval_seconds / 2)

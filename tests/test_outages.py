@@ -186,12 +186,12 @@ async def test_a_throttling_storm_cuts_write_concurrency_and_it_recovers(
 ) -> None:
     settings = resources.replace(writers=8)
     records = make_records(2000)
-    await put_records(kinesis, settings.stream_name, records)
     dynamodb_proxy.fail("BatchWriteItem", DYNAMODB_THROTTLED, times=None)
     limit = "wildrydes_write_concurrency_limit"
 
     async with Service(settings) as service:
-        assert sample(service, limit) == 8
+        assert sample(service, limit) == 8  # before any write: one slot per writer
+        await put_records(kinesis, settings.stream_name, records)
 
         async def cut_to_one() -> bool:
             return sample(service, limit) == 1

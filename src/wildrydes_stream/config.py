@@ -215,7 +215,13 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 # WILDRYDES_* variables that are not settings.
 OTHER_VARIABLES = frozenset(
-    {CONFIG_FILE_ENV, "WILDRYDES_STRICT", "WILDRYDES_NODE_MODULES", "WILDRYDES_SHARED_DATA"}
+    {
+        CONFIG_FILE_ENV,
+        "WILDRYDES_STRICT",
+        "WILDRYDES_NODE_MODULES",
+        "WILDRYDES_SHARED_DATA",
+        "WILDRYDES_REVISION",
+    }
 )
 
 

@@ -53,6 +53,16 @@ class OwnedShard:
         return self.lease.shard_id
 
 
+def _stale_since(owned: OwnedShard) -> float:
+    """Since when the shard's stored checkpoint has been behind what was read: now when it
+    covers everything (a quiet shard is not stale), else the last checkpoint written."""
+    progress = owned.progress
+    done = progress.checkpoint
+    if progress.in_flight == 0 and (done is None or owned.lease.checkpoint == str(done)):
+        return time.monotonic()
+    return owned.checkpointed_at
+
+
 class ShardSupervisor:
     def __init__(
         self,
@@ -90,7 +100,7 @@ class ShardSupervisor:
         self.history: list[tuple[str, str]] = []
         """(event, shard id) in the order they happened: "start" and "end" (for diagnostics)."""
         metrics.watch_checkpoint_age(
-            lambda: [(s.shard_id, s.checkpointed_at) for s in list(self.owned.values())]
+            lambda: [(s.shard_id, _stale_since(s)) for s in list(self.owned.values())]
         )
 
     async def run(self) -> None:

@@ -6,15 +6,35 @@ labels are bounded: shard ids, API names and fixed reasons, never record keys.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from wildrydes_stream import __version__
+
 NAMESPACE = "wildrydes"
+
+# A `_created` twin of every counter and histogram doubles the series for nothing Prometheus
+# uses (it reads resets from the counter itself).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Label values known in advance: their series are exported at 0 from the start, so the first
+# increment is seen by increase() and rate() instead of being the series' first sample.
+DEAD_LETTER_KINDS = ("invalid_record", "rejected_by_table", "retries", "record_age")
+DATA_APIS = ("GetRecords", "GetShardIterator", "BatchWriteItem")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -23,6 +43,17 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* series: resident memory against the pod's limit, CPU, open files.
+        ProcessCollector(registry=r)
+        self.build_info = Gauge(
+            "build_info",
+            "Always 1: the version, git revision and Python of this process, as labels.",
+            ["version", "revision", "python"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        revision = os.environ.get("WILDRYDES_REVISION", "unknown")
+        self.build_info.labels(__version__, revision, platform.python_version()).set(1)
         self.behind_latest = Gauge(
             "shard_behind_latest_seconds",
             "How far the last GetRecords response of a shard was behind the tip of the stream "
@@ -149,6 +180,16 @@ class Metrics:
         )
         for destination in ("file", "sqs", "s3"):  # exported at 0 from the start
             self.deadletter_failures.labels(destination)
+        self._export_known_labels()
+
+    def _export_known_labels(self) -> None:
+        for kind in DEAD_LETTER_KINDS:
+            self.records_dead_lettered.labels(kind)
+        for api in DATA_APIS:
+            self.throttles.labels(api)
+            self.errors.labels(api)
+        for outcome in ("ok", "error"):
+            self.batch_write_seconds.labels(outcome)
 
     def snapshot(self) -> Snapshot:
         """Totals across labels, for summaries and tests."""
@@ -195,7 +236,8 @@ class _CheckpointAge(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             f"{NAMESPACE}_checkpoint_age_seconds",
-            "Seconds since the shard's progress was last checkpointed (or since it was taken).",
+            "Seconds the shard's stored checkpoint has been behind the records read from it "
+            "(0 while it covers everything read: a quiet shard is not stale).",
             labels=["shard"],
         )
         now = time.monotonic()
