@@ -35,6 +35,7 @@ EXTERNAL_METRICS = frozenset(
     {
         "up",
         "kube_deployment_status_replicas_ready",
+        "kube_deployment_spec_replicas",
         "kube_pod_container_status_restarts_total",
     }
 )
@@ -211,6 +212,8 @@ def test_rendered_manifests_validate_strictly_against_the_kubernetes_schema(vers
     rendered_image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     assert rendered_image == f"{image['newName']}:{image['newTag']}"
     assert container()["image"].split(":")[0] == image["name"]
+    # Unresolvable until the user sets a registry: never a public image by accident.
+    assert image["newName"].startswith("REGISTRY/")
 
 
 # A strict subset of the Prometheus Operator's monitoring.coreos.com/v1 CRD schemas: the fields
@@ -641,6 +644,25 @@ ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] =
         "8m",
         "WildrydesStreamNoReadyPods",
         [{"severity": "critical"}],
+    ),
+    (
+        [
+            _series(
+                "kube_deployment_spec_replicas",
+                "2x30",
+                namespace="wildrydes",
+                deployment="wildrydes-stream",
+            ),
+            _series(
+                "kube_deployment_status_replicas_ready",
+                "2 2 1x30",
+                namespace="wildrydes",
+                deployment="wildrydes-stream",
+            ),
+        ],
+        "20m",
+        "WildrydesStreamReplicasMissing",
+        [{"severity": "warning"}],
     ),
     (
         [_series("up", "1 0x10", job=JOB, pod="wildrydes-stream-0")],

@@ -32,6 +32,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.http import HealthServer
+from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records import Envelope, ItemKey
 from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
@@ -124,6 +125,7 @@ class Consumer:
         self.http: HealthServer | None = None
         self.supervisor: ShardSupervisor | None = None
         self.sink: Sink | None = None
+        self._retry_log = RetryLog(log)
         self.blocked = BlockedCalls(self.metrics, settings.blocked_log_interval_seconds)
         """APIs failing for a reason an operator must fix: not ready while any is."""
         self.budget = ByteBudget(settings.max_buffered_bytes)
@@ -254,8 +256,8 @@ class Consumer:
         while not await wait_or_timeout(self._drained, interval):
             try:
                 await self.supervisor.checkpoint_all()
-            except Exception:
-                log.exception("checkpoint failed; retrying at the next interval")
+            except Exception as exc:
+                self._retry_log.failed("checkpoint", exc)
 
     async def _renew_loop(self) -> None:
         """Every third of the lease duration, on a fixed beat, until the leases are released:
@@ -267,8 +269,8 @@ class Consumer:
             beat = time.monotonic()
             try:
                 await self.supervisor.renew_all()
-            except Exception:
-                log.exception("lease renewal failed; retrying at the next interval")
+            except Exception as exc:
+                self._retry_log.failed("lease renewal", exc)
 
     def request_stop(self) -> None:
         self._stop_requested.set()

@@ -29,6 +29,7 @@ from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import LeaseLostError
 from wildrydes_stream.observability.health import BlockedCalls
+from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller, ShardState
@@ -51,6 +52,9 @@ class OwnedShard:
     @property
     def shard_id(self) -> str:
         return self.lease.shard_id
+
+
+TAKEN = "lease taken by another worker"
 
 
 def _stale_since(owned: OwnedShard) -> float:
@@ -92,6 +96,7 @@ class ShardSupervisor:
         self._metrics = metrics
         self._stopping = stopping
         self._wake = asyncio.Event()
+        self._retry_log = RetryLog(log)
         self.owned: dict[str, OwnedShard] = {}
         self.synced = asyncio.Event()
         """Set after the first discovery: every readable shard has a poller."""
@@ -108,10 +113,10 @@ class ShardSupervisor:
         while not self._stopping.is_set():
             try:
                 await self.sync()
-            except Exception:
+            except Exception as exc:
                 if not self.synced.is_set():
                     raise
-                log.exception("shard discovery failed; retrying at the next interval")
+                self._retry_log.failed("shard discovery", exc)
             self._wake.clear()
             await wait_or_timeout(self._wake, self._settings.shard_sync_interval_seconds)
 
@@ -160,7 +165,7 @@ class ShardSupervisor:
         for shard_id, owned in held.items():
             lease = scanned.get(shard_id)
             if lease is not None and lease.owner != self._leases.owner:
-                self._drop(owned, "lease taken by another worker")
+                self._drop(owned, TAKEN)
 
     async def _forget_trimmed(self, shard_ids: set[str]) -> None:
         """Delete the leases of finished shards Kinesis no longer lists (trimmed after the
@@ -244,9 +249,9 @@ class ShardSupervisor:
             async with asyncio.timeout(self._settings.lease_duration_seconds / 3):
                 await self._leases.renew(owned.lease)
         except LeaseLostError:
-            self._drop(owned, "lease taken by another worker")
+            self._drop(owned, TAKEN)
         except Exception as exc:  # the write goes on, shielded; the watchdog keeps the time
-            log.warning("lease renewal failed", extra={"shard": owned.shard_id, "error": repr(exc)})
+            self._retry_log.failed("lease renewal", exc, shard=owned.shard_id)
 
     def _watch(self, owned: OwnedShard) -> None:
         """Arm the watchdog for lease_duration_seconds after the last confirmed write: other
@@ -316,7 +321,7 @@ class ShardSupervisor:
             self._let_go(owned)
             self._wake.set()
         except LeaseLostError:
-            self._drop(owned, "lease taken by another worker")
+            self._drop(owned, TAKEN)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -328,9 +333,10 @@ class ShardSupervisor:
         dropped and late acknowledgements count nowhere, and stop its poller."""
         if owned.progress.fenced:
             return
-        log.warning(
-            "lease lost, no longer reading shard: %s", reason, extra={"shard": owned.shard_id}
-        )
+        # Another worker taking a lease is how replicas balance: INFO. Not renewing our own in
+        # time means the table or the network is in trouble: WARNING.
+        level = logging.INFO if reason == TAKEN else logging.WARNING
+        log.log(level, "no longer reading shard: %s", reason, extra={"shard": owned.shard_id})
         owned.progress.fence()
         self._forget(owned)
         self._let_go(owned)
@@ -364,7 +370,7 @@ class ShardSupervisor:
             try:
                 await self._checkpoint(owned, str(done), self._snapshot(owned, done))
             except LeaseLostError:
-                self._drop(owned, "lease taken by another worker")
+                self._drop(owned, TAKEN)
 
     async def wait_shard_tasks(self) -> None:
         tasks = [o.task for o in list(self.owned.values()) if o.task is not None]

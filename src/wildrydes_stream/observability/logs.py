@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 # Attributes every LogRecord has; anything else was passed in `extra=` and is logged as a field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
+# `asctime` is set on the record by Formatter.format: it is part of the line, not a field.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,3 +56,33 @@ def configure_logging(log_format: str, level: str) -> None:
     # botocore logs request details (never credentials at INFO) at DEBUG; keep it quiet.
     for noisy in ("botocore", "aiobotocore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class RetryLog:
+    """One WARNING line for a failed call that will be retried: the AWS error code and message,
+    no traceback (the error is expected and handled), at most one line per `what` every
+    `interval` seconds, saying how many were not logged. Errors that are not AWS or network
+    errors keep their traceback: they are bugs."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def failed(self, what: str, exc: BaseException, **fields: Any) -> None:
+        from wildrydes_stream.retry import describe_error, fault_of
+
+        now = time.monotonic()
+        if now - self._last.get(what, -math.inf) < self._interval:
+            self._quiet[what] = self._quiet.get(what, 0) + 1
+            return
+        self._last[what] = now
+        skipped = self._quiet.pop(what, 0)
+        extra = {**fields, "error": describe_error(exc)}
+        if skipped:
+            extra["not_logged_since_last"] = skipped
+        if fault_of(exc) == "other":
+            self._logger.warning("%s failed, retrying", what, extra=extra, exc_info=exc)
+        else:
+            self._logger.warning("%s failed, retrying", what, extra=extra)
