@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "provision", help="create the stream and the table if missing (development)"
     )
     _settings_options(provision)
-    provision.add_argument("--shards", type=int, default=4, help="shards of a new stream")
+    provision.add_argument(
+        "--shards", type=_positive(int), default=4, help="shards of a new stream"
+    )
     redrive = commands.add_parser(
         "redrive",
         help="write dead-lettered records back into the table, once the cause is fixed",
@@ -371,6 +373,10 @@ async def _provision(settings: Settings, shards: int) -> int:
     from wildrydes_stream.provision import provision
 
     async with AwsClients() as clients:
-        await provision(clients.kinesis, clients.dynamodb_control, settings, shards)
+        problems = await provision(clients.kinesis, clients.dynamodb_control, settings, shards)
+    for problem in problems:
+        print(f"wildrydes-stream: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     print(f"stream {settings.stream_name} and table {settings.table_name} are ready")
     return 0

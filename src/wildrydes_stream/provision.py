@@ -59,8 +59,49 @@ async def ensure_table(dynamodb: Any, settings: Settings, timeout: float = 60.0)
             await asyncio.sleep(0.05)
 
 
-async def provision(kinesis: Any, dynamodb: Any, settings: Settings, shards: int) -> None:
+async def provision(kinesis: Any, dynamodb: Any, settings: Settings, shards: int) -> list[str]:
+    """Create what is missing; what exists is checked. Returns one line per problem found
+    with what exists (empty when everything is as the settings and `shards` want)."""
+    problems = []
     if await ensure_stream(kinesis, settings.stream_name, shards):
         log.info("created stream", extra={"stream": settings.stream_name, "shards": shards})
+    else:
+        problems += await stream_problems(kinesis, settings.stream_name, shards)
     if await ensure_table(dynamodb, settings):
         log.info("created table", extra={"table": settings.table_name})
+    else:
+        described = await dynamodb.describe_table(TableName=settings.table_name)
+        problems += table_problems(described["Table"], settings)
+    return problems
+
+
+async def stream_problems(kinesis: Any, name: str, shards: int) -> list[str]:
+    summary = await kinesis.describe_stream_summary(StreamName=name)
+    open_shards = summary["StreamDescriptionSummary"]["OpenShardCount"]
+    if open_shards == shards:
+        return []
+    return [
+        f"stream {name} exists with {open_shards} open shards, not {shards}: reshard it "
+        "(aws kinesis update-shard-count) or pass --shards " + str(open_shards)
+    ]
+
+
+def table_problems(table: dict[str, Any], settings: Settings) -> list[str]:
+    """What is wrong with the item table for these settings: key schema, StatusTime type."""
+    name = settings.table_name
+    types = {a["AttributeName"]: a["AttributeType"] for a in table["AttributeDefinitions"]}
+    keys = {k["AttributeName"]: k["KeyType"] for k in table["KeySchema"]}
+    if keys != {"Name": "HASH", "StatusTime": "RANGE"}:
+        found = ", ".join(f"{k} ({v})" for k, v in keys.items())
+        return [
+            f"DynamoDB table {name!r} must have partition key Name and sort key StatusTime; "
+            f"it has {found}"
+        ]
+    expected = "N" if settings.status_time_format == "epoch_ms" else "S"
+    if types.get("StatusTime") != expected:
+        return [
+            f"DynamoDB table {name!r} stores StatusTime as {types.get('StatusTime')} but "
+            f"status_time_format={settings.status_time_format} writes {expected}: change the "
+            "setting (WILDRYDES_STATUS_TIME_FORMAT)"
+        ]
+    return []

@@ -15,6 +15,7 @@ from wildrydes_stream.aws import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer import FINAL_CHECKPOINT_TIMEOUT, Consumer, Wiring
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
+from wildrydes_stream.provision import table_problems
 from wildrydes_stream.records import Item, ItemKey, decode_item
 from wildrydes_stream.sink.dynamodb import WriterPool
 from wildrydes_stream.source.poller import ShardState
@@ -74,18 +75,7 @@ class Service(Consumer):
 
 
 def _check_sort_key(table: dict[str, Any], settings: Settings) -> None:
-    """Refuse to start when the table's StatusTime type disagrees with status_time_format."""
-    types = {a["AttributeName"]: a["AttributeType"] for a in table["AttributeDefinitions"]}
-    keys = {k["AttributeName"]: k["KeyType"] for k in table["KeySchema"]}
-    expected = "N" if settings.status_time_format == "epoch_ms" else "S"
-    if keys.get("Name") != "HASH" or keys.get("StatusTime") != "RANGE":
-        raise WildrydesError(
-            f"DynamoDB table {settings.table_name!r} must have partition key Name and sort key "
-            "StatusTime"
-        )
-    if types.get("StatusTime") != expected:
-        raise WildrydesError(
-            f"DynamoDB table {settings.table_name!r} stores StatusTime as {types.get('StatusTime')}"
-            f" but status_time_format={settings.status_time_format} writes {expected}: change "
-            "the setting (WILDRYDES_STATUS_TIME_FORMAT)"
-        )
+    """Refuse to start when the table's keys disagree with what the settings write."""
+    problems = table_problems(table, settings)
+    if problems:
+        raise WildrydesError(problems[0])
