@@ -46,7 +46,10 @@ async def test_local_runs_the_pipeline_and_finds_every_record_in_the_table() -> 
     assert produced is not None, stdout
     assert int(produced.group(1)) > 0
     assert f"OK: all {produced.group(1)} records are in UnicornSensorData" in stdout
-    assert "written" in stdout  # the live summary was printed
+    assert "copy: read" in stdout  # the live summary was printed
+    assert "fleet stopped after" in stdout
+    assert "service stopped (drained)" in stdout
+    assert "emulators stopped" in stdout
 
 
 async def test_ctrl_c_stops_local_cleanly_and_quickly() -> None:

@@ -21,6 +21,7 @@ from wildrydes_stream.cli import install_signal_handlers
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
 from wildrydes_stream.local.fleet import Fleet
+from wildrydes_stream.local.summary import Counts, LiveSummary, Stage
 from wildrydes_stream.provision import provision
 from wildrydes_stream.records import status_time_to_epoch_ms
 from wildrydes_stream.service import Service
@@ -55,7 +56,9 @@ async def run_local(settings: Settings, options: LocalOptions) -> int:
             session.create_client("dynamodb") as dynamodb,
         ):
             await provision(kinesis, dynamodb, settings, options.shards)
-            return await _run(settings, options, kinesis, dynamodb)
+            code = await _run(settings, options, kinesis, dynamodb)
+    print("emulators stopped")
+    return code
 
 
 async def _run(settings: Settings, options: LocalOptions, kinesis: Any, dynamodb: Any) -> int:
@@ -70,15 +73,20 @@ async def _run(settings: Settings, options: LocalOptions, kinesis: Any, dynamodb
             + (f"running {options.duration:.0f}s" if options.duration else "Ctrl-C stops")
         )
         fleet_task = asyncio.create_task(fleet.run(stop_fleet))
-        summary = asyncio.create_task(_summarise(service, fleet))
+        live = _live_summary(service, fleet)
+        summary = asyncio.create_task(live.run())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_fleet.wait(), options.duration)
         stop_fleet.set()
         await fleet_task
+        summary.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await summary
         print(f"fleet stopped after {len(fleet.produced)} records; waiting for the service")
         drained = await _wait_written(service, len(fleet.produced))
-        summary.cancel()
-    _print_summary(service, fleet)
+        live.show()
+        live.end()
+    print(f"service stopped ({'drained' if service.drained_in_time else 'not drained'})")
     missing = await _missing(dynamodb, settings.table_name, fleet.produced)
     if missing or not drained:
         print(
@@ -99,19 +107,25 @@ async def _wait_written(service: Service, produced: int) -> bool:
     return True
 
 
-async def _summarise(service: Service, fleet: Fleet) -> None:
-    while True:
-        await asyncio.sleep(SUMMARY_EVERY)
-        _print_summary(service, fleet)
+def _live_summary(service: Service, fleet: Fleet) -> LiveSummary:
+    def produced() -> Counts:
+        return {"produced": len(fleet.produced)}
 
+    def copied() -> Counts:
+        now = service.metrics.snapshot()
+        return {
+            "read": now.read,
+            "written": now.written,
+            "dead-lettered": now.dead_lettered,
+            "queued": now.queued,
+            "lag_s": now.max_behind_seconds,
+        }
 
-def _print_summary(service: Service, fleet: Fleet) -> None:
-    now = service.metrics.snapshot()
-    print(
-        f"produced {len(fleet.produced):>7}  written {now.written:>7.0f}  "
-        f"dead-lettered {now.dead_lettered:>4.0f}  queue {now.queued:>5.0f}  "
-        f"lag {now.max_behind_seconds:.1f}s",
-        flush=True,
+    return LiveSummary(
+        [
+            Stage("fleet", produced, rated=("produced",)),
+            Stage("copy", copied, rated=("read", "written")),
+        ]
     )
 
 
