@@ -27,13 +27,18 @@ from wildrydes_stream.checkpoint.balancing import lease_to_steal
 from wildrydes_stream.checkpoint.leases import AT_TIMESTAMP, LATEST, SHARD_END, Lease, LeaseTable
 from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings
-from wildrydes_stream.errors import LeaseLostError
+from wildrydes_stream.errors import LeaseLostError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller, ShardState
-from wildrydes_stream.source.shards import list_shards, readable_shards, starting_position
+from wildrydes_stream.source.shards import (
+    Shard,
+    list_shards,
+    readable_shards,
+    starting_position,
+)
 from wildrydes_stream.waiting import wait_or_timeout
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ class OwnedShard:
 
 
 TAKEN = "lease taken by another worker"
+AT_SEQUENCE = "AT_SEQUENCE_NUMBER:"
+"""Prefix of a position read from (not after) a sequence number."""
 
 
 def _stale_since(owned: OwnedShard) -> float:
@@ -131,6 +138,8 @@ class ShardSupervisor:
         started = []
         finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
         await self._forget_trimmed(finished - {shard.shard_id for shard in shards})
+        self._check_positions(leases)
+        await self._note_children(shards, leases)
         configured = self._settings.starting_position
         readable = readable_shards(
             shards, finished, leases.keys(), skip_unleased_closed=configured == LATEST
@@ -143,7 +152,7 @@ class ShardSupervisor:
                 continue  # a live worker has it: no need to read it again
             initial = starting_position(shard, leases.keys(), configured)
             lease = await self._leases.acquire(
-                shard.shard_id, shard.parents, initial, self._takeable
+                shard.shard_id, shard.parents, initial, self._takeable, shard.hash_range
             )
             if lease is None or lease.at_shard_end:
                 continue
@@ -268,10 +277,37 @@ class ShardSupervisor:
             return
         self._drop(owned, "lease not renewed for lease_duration_seconds")
 
+    def _check_positions(self, leases: dict[str, Lease]) -> None:
+        """A lease KCL left at the sentinel AT_TIMESTAMP carries no time: without one configured
+        it cannot be read, which must be one line at start, not a failure inside a shard."""
+        if self._settings.starting_datetime() is not None:
+            return
+        for lease in leases.values():
+            if lease.checkpoint == AT_TIMESTAMP and lease.starting_ms is None:
+                raise WildrydesError(
+                    f"lease {lease.shard_id} in {self._leases.table_name} is at AT_TIMESTAMP "
+                    "with no time: set starting_timestamp (WILDRYDES_STARTING_TIMESTAMP)"
+                )
+
+    async def _note_children(self, shards: list[Shard], leases: dict[str, Lease]) -> None:
+        """Finished shards' leases get their children's ids (KCL's `childShardIds`)."""
+        children: dict[str, list[str]] = {}
+        for shard in shards:
+            for parent in shard.parents:
+                children.setdefault(parent, []).append(shard.shard_id)
+        for shard_id, lease in leases.items():
+            listed = children.get(shard_id)
+            if lease.at_shard_end and listed and set(listed) != set(lease.children):
+                await self._leases.note_children(shard_id, listed)
+
     def _position(self, lease: Lease) -> tuple[str, datetime | None]:
         """Where the poller starts: the checkpoint, or for a lease still at LATEST or
         AT_TIMESTAMP, the moment the lease started at. A LATEST whose moment this tenure just
         recorded is read as LATEST (the same moment, and always answerable at the tip)."""
+        if lease.subsequence > 0 and lease.checkpoint.isdigit():
+            # KCL stopped inside a KPL-aggregated record: read that record again, whole
+            # (this service does not split KPL records, so nothing of it is skipped).
+            return AT_SEQUENCE + lease.checkpoint, None
         if not lease.at_moment or lease.starting_ms is None:
             return lease.checkpoint, None
         since = datetime.fromtimestamp(lease.starting_ms / 1000, UTC)

@@ -46,6 +46,11 @@ class Lease:
     """`startingTimestamp`: where a LATEST or AT_TIMESTAMP checkpoint starts (epoch ms)."""
     starting_inherited: bool = False
     """`starting_ms` was recorded by an earlier tenure (not by this take or create)."""
+    children: tuple[str, ...] = ()
+    """`childShardIds`, once the shard is finished and its children are known."""
+    subsequence: int = 0
+    """`checkpointSubSequenceNumber`: KCL's position inside a KPL-aggregated record; above 0
+    the record at `checkpoint` was only partly processed."""
     state: bytes | None = None
     """`wildrydesState`: the application's state of the shard as of `checkpoint` (windows
     still open, alert states), written with it in one conditional update."""
@@ -113,13 +118,33 @@ class LeaseTable:
         return _from_item(item) if item else None
 
     async def all(self) -> dict[str, Lease]:
+        """Every lease of this stream's shards. Other items a KCL application may keep in the
+        table (multi-stream leases `account:stream:epoch:shardId`, KCL 3 `entityType` items)
+        are skipped: never read as shards, never deleted."""
         leases: dict[str, Lease] = {}
         paginator = self._client.get_paginator("scan")
         async for page in paginator.paginate(TableName=self.table_name, ConsistentRead=True):
             for item in page.get("Items", []):
+                if not is_shard_lease(item):
+                    continue
                 lease = _from_item(item)
                 leases[lease.shard_id] = lease
         return leases
+
+    async def note_children(self, shard_id: str, children: list[str]) -> None:
+        """Write `childShardIds` on a finished shard's lease, as KCL does, so a KCL worker
+        taking the table over need not look them up."""
+        try:
+            await self._client.update_item(
+                TableName=self.table_name,
+                Key={"leaseKey": {"S": shard_id}},
+                UpdateExpression="SET childShardIds = :children",
+                ConditionExpression="attribute_exists(leaseKey)",
+                ExpressionAttributeValues={":children": {"SS": sorted(children)}},
+            )
+        except ClientError as exc:
+            if not _is_conditional_failure(exc):
+                raise
 
     async def acquire(
         self,
@@ -127,6 +152,7 @@ class LeaseTable:
         parents: tuple[str, ...],
         initial: str,
         takeable: Callable[[Lease], bool],
+        hash_range: tuple[str, str] = ("", ""),
     ) -> Lease | None:
         """Create the shard's lease owned by us, or take the existing one over if `takeable`.
 
@@ -136,7 +162,7 @@ class LeaseTable:
             existing = await self.get(shard_id)
             try:
                 if existing is None:
-                    return await self._create(shard_id, parents, initial)
+                    return await self._create(shard_id, parents, initial, hash_range)
                 if not takeable(existing):
                     return None
                 return await self._take(existing)
@@ -152,7 +178,13 @@ class LeaseTable:
             return self._at_timestamp_ms
         return int(time.time() * 1000)
 
-    async def _create(self, shard_id: str, parents: tuple[str, ...], initial: str) -> Lease:
+    async def _create(
+        self,
+        shard_id: str,
+        parents: tuple[str, ...],
+        initial: str,
+        hash_range: tuple[str, str] = ("", ""),
+    ) -> Lease:
         sent = time.monotonic()
         lease = Lease(shard_id, initial, self.owner, 1, parents, confirmed_at=sent)
         item: dict[str, Any] = {
@@ -165,6 +197,9 @@ class LeaseTable:
         }
         if parents:
             item["parentShardId"] = {"SS": list(parents)}
+        if hash_range[0] and hash_range[1]:
+            item["startingHashKey"] = {"S": hash_range[0]}
+            item["endingHashKey"] = {"S": hash_range[1]}
         if initial in MOMENT_SENTINELS:
             lease.starting_ms = self._moment_ms(initial)
             item["startingTimestamp"] = {"N": str(lease.starting_ms)}
@@ -241,12 +276,21 @@ class LeaseTable:
                 "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
                 "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next"
             )
+            # KCL removes its two-phase checkpoint attributes on every checkpoint: a stale
+            # pendingCheckpoint would make a KCL worker taking over resume from it.
+            removed = (
+                " REMOVE pendingCheckpoint, pendingCheckpointSubSequenceNumber, "
+                "pendingCheckpointState"
+            )
             values: dict[str, Any] = {":cp": {"S": checkpoint}, ":zero": {"N": "0"}}
             if state is not None:
                 expression += ", wildrydesState = :state"
                 values[":state"] = {"B": state}
-            await self._owned_update(lease, expression, values, names={"#cp": "checkpoint"})
+            await self._owned_update(
+                lease, expression + removed, values, names={"#cp": "checkpoint"}
+            )
             lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
+            lease.subsequence = 0
             if state is not None:
                 lease.state = state
 
@@ -330,6 +374,12 @@ def _consume(task: asyncio.Future[None]) -> None:
         log.debug("abandoned lease write failed", exc_info=task.exception())
 
 
+def is_shard_lease(item: dict[str, Any]) -> bool:
+    """A single-stream lease (its key a shard id), not another item a KCL application keeps."""
+    key = item.get("leaseKey", {}).get("S", "")
+    return bool(key) and ":" not in key and "entityType" not in item
+
+
 def _from_item(item: dict[str, Any]) -> Lease:
     starting = item.get("startingTimestamp", {}).get("N")
     return Lease(
@@ -340,5 +390,7 @@ def _from_item(item: dict[str, Any]) -> Lease:
         parents=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
         owner_switches=int(item.get("ownerSwitchesSinceCheckpoint", {}).get("N", "0")),
         starting_ms=int(starting) if starting is not None else None,
+        subsequence=int(item.get("checkpointSubSequenceNumber", {}).get("N", "0")),
+        children=tuple(sorted(item.get("childShardIds", {}).get("SS", []))),
         state=item.get("wildrydesState", {}).get("B"),
     )

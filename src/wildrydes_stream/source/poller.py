@@ -256,6 +256,11 @@ class ShardPoller:
                 "ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
                 "StartingSequenceNumber": position,
             }
+        elif position.startswith("AT_SEQUENCE_NUMBER:"):
+            kwargs |= {
+                "ShardIteratorType": "AT_SEQUENCE_NUMBER",
+                "StartingSequenceNumber": position.partition(":")[2],
+            }
         elif position == "AT_TIMESTAMP":
             kwargs |= {
                 "ShardIteratorType": "AT_TIMESTAMP",

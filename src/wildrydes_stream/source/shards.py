@@ -17,6 +17,8 @@ class Shard:
     parents: tuple[str, ...]
     closed: bool
     """An ending sequence number is set: the shard was split or merged and takes no writes."""
+    hash_range: tuple[str, str] = ("", "")
+    """(StartingHashKey, EndingHashKey), written to the lease as KCL does."""
 
 
 async def list_shards(client: Any, stream_name: str) -> list[Shard]:
@@ -36,7 +38,9 @@ async def list_shards(client: Any, stream_name: str) -> list[Shard]:
                 p for p in (raw.get("ParentShardId"), raw.get("AdjacentParentShardId")) if p
             )
             ending = raw.get("SequenceNumberRange", {}).get("EndingSequenceNumber")
-            shards.append(Shard(raw["ShardId"], parents, ending is not None))
+            hashes = raw.get("HashKeyRange", {})
+            hash_range = (hashes.get("StartingHashKey", ""), hashes.get("EndingHashKey", ""))
+            shards.append(Shard(raw["ShardId"], parents, ending is not None, hash_range))
         token = response.get("NextToken")
         if not token:
             return shards
