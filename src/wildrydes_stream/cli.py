@@ -93,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="retries of a failed write before the record stays dead-lettered (default 10; "
         "-1 retries for as long as the fault lasts)",
     )
+    status = commands.add_parser(
+        "status", help="every shard's state, owner, checkpoint and lag, and every worker"
+    )
+    _settings_options(status)
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    reset = commands.add_parser(
+        "reset",
+        help="move shards' checkpoints (refused while a live worker holds them, unless --force)",
+    )
+    _settings_options(reset)
+    which = reset.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--shard", action="append", metavar="ID", help="a shard to move (repeat for more)"
+    )
+    which.add_argument("--all", action="store_true", help="every shard not read to its end")
+    reset.add_argument(
+        "--to",
+        required=True,
+        metavar="POSITION",
+        help="TRIM_HORIZON, LATEST, an ISO 8601 time, or a sequence number (reading resumes "
+        "after it)",
+    )
+    reset.add_argument(
+        "--force",
+        action="store_true",
+        help="take the leases from live workers first (they drop the shards and read them "
+        "again from the new position)",
+    )
     _add_produce(commands)
     listing = commands.add_parser(
         "settings", help="print every setting, its variable and default, or those in effect"
@@ -219,6 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_loop(_serve(settings))
         if args.command == "provision":
             return _run_loop(_provision(settings, args.shards))
+        if args.command == "status":
+            return _run_loop(_status(settings, args.json))
+        if args.command == "reset":
+            from wildrydes_stream.admin.reset import Target
+
+            target = Target.parse(args.to)
+            shards = None if args.all else args.shard
+            return _run_loop(_reset(settings, shards, target, args.force))
         if args.command == "redrive":
             return _run_loop(_redrive(settings, args.source, args.max_retry_attempts))
         if args.command == "local":
@@ -365,6 +401,27 @@ async def _produce(options: ProduceOptions, region: str) -> int:
         producer = Producer(k, options)
         install_signal_handlers(producer.request_stop)
         await producer.run()
+    return 0
+
+
+async def _status(settings: Settings, as_json: bool) -> int:
+    from wildrydes_stream.admin.status import render, status
+    from wildrydes_stream.aws import AwsClients
+
+    async with AwsClients(fast=False) as clients:
+        report = await status(clients.kinesis, clients.dynamodb_control, settings)
+    print(render(report, as_json))
+    return 0
+
+
+async def _reset(settings: Settings, shards: list[str] | None, target: Any, force: bool) -> int:
+    from wildrydes_stream.admin.reset import reset
+    from wildrydes_stream.aws import AwsClients
+
+    async with AwsClients(fast=False) as clients:
+        changes = await reset(clients.dynamodb_control, settings, shards, target, force=force)
+    for change in changes or ["nothing to reset"]:
+        print(change)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Operator commands over the lease table: `status` (read only) and `reset`."""

@@ -1,0 +1,134 @@
+"""`wildrydes-stream status`: every shard and worker as the lease table and Kinesis see them.
+
+Reads only: ListShards, a scan of the lease table twice (to tell live owners from gone ones)
+and, for each shard with unread records, one GetRecords after its checkpoint (how far behind
+it is: Kinesis's MillisBehindLatest, and how old the oldest unread record is).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from wildrydes_stream.admin.liveness import scan_twice
+from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.config import Settings
+from wildrydes_stream.source.shards import Shard, list_shards
+
+
+@dataclass
+class ShardStatus:
+    shard: str
+    state: str  # open, closed (not read to its end yet), done (SHARD_END checkpointed)
+    owner: str | None
+    owner_alive: bool | None
+    checkpoint: str | None
+    behind_ms: int | None
+    oldest_unread_age_s: float | None
+    parents: list[str]
+
+
+@dataclass
+class Status:
+    stream: str
+    lease_table: str
+    shards: list[ShardStatus]
+    workers: dict[str, list[str]]
+    """Owner -> shards it holds."""
+    alive: list[str]
+
+
+async def status(kinesis: Any, dynamodb: Any, settings: Settings) -> Status:
+    shards = await list_shards(kinesis, settings.stream_name)
+    table = LeaseTable(dynamodb, settings.lease_table_name, "status")
+    leases, alive = await scan_twice(table, settings.lease_duration_seconds)
+    rows = [
+        await _shard_status(kinesis, settings, s, leases.get(s.shard_id), alive) for s in shards
+    ]
+    workers: dict[str, list[str]] = {}
+    for lease in leases.values():
+        if lease.owner:
+            workers.setdefault(lease.owner, []).append(lease.shard_id)
+    return Status(
+        settings.stream_name,
+        settings.lease_table_name,
+        rows,
+        {owner: sorted(held) for owner, held in sorted(workers.items())},
+        sorted(alive),
+    )
+
+
+async def _shard_status(
+    kinesis: Any, settings: Settings, shard: Shard, lease: Lease | None, alive: set[str]
+) -> ShardStatus:
+    done = lease is not None and lease.checkpoint == SHARD_END
+    state = "done" if done else "closed" if shard.closed else "open"
+    owner = lease.owner if lease else None
+    behind, oldest = (None, None) if done else await _lag(kinesis, settings, shard, lease)
+    return ShardStatus(
+        shard.shard_id,
+        state,
+        owner,
+        (owner in alive) if owner else None,
+        lease.checkpoint if lease else None,
+        behind,
+        oldest,
+        list(shard.parents),
+    )
+
+
+async def _lag(
+    kinesis: Any, settings: Settings, shard: Shard, lease: Lease | None
+) -> tuple[int | None, float | None]:
+    """MillisBehindLatest and the age of the first unread record, read after the checkpoint."""
+    kwargs: dict[str, Any] = {"StreamName": settings.stream_name, "ShardId": shard.shard_id}
+    checkpoint = lease.checkpoint if lease else settings.starting_position
+    if checkpoint.isdigit():
+        kwargs |= {
+            "ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
+            "StartingSequenceNumber": checkpoint,
+        }
+    elif checkpoint in ("TRIM_HORIZON", "LATEST"):
+        kwargs["ShardIteratorType"] = checkpoint
+    else:
+        return None, None
+    iterator = (await kinesis.get_shard_iterator(**kwargs)).get("ShardIterator")
+    if iterator is None:
+        return None, None
+    response = await kinesis.get_records(ShardIterator=iterator, Limit=1)
+    records = response.get("Records", [])
+    oldest = None
+    if records:
+        arrived = records[0].get("ApproximateArrivalTimestamp")
+        if isinstance(arrived, datetime):
+            oldest = round(time.time() - arrived.timestamp(), 1)
+    return int(response.get("MillisBehindLatest", 0)), oldest
+
+
+def render(report: Status, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(report), indent=2)
+    lines = [
+        f"stream {report.stream}, lease table {report.lease_table}",
+        "",
+        f"{'SHARD':24} {'STATE':7} {'OWNER':28} {'ALIVE':6} {'BEHIND':>9} {'UNREAD AGE':>11} "
+        "PARENTS  CHECKPOINT",
+    ]
+    for row in report.shards:
+        alive = "-" if row.owner_alive is None else ("yes" if row.owner_alive else "NO")
+        behind = "-" if row.behind_ms is None else f"{row.behind_ms / 1000:.1f}s"
+        age = "-" if row.oldest_unread_age_s is None else f"{row.oldest_unread_age_s:.0f}s"
+        lines.append(
+            f"{row.shard:24} {row.state:7} {row.owner or '-':28} {alive:6} {behind:>9} "
+            f"{age:>11} {','.join(row.parents) or '-':8} {row.checkpoint or '-'}"
+        )
+    lines += ["", f"{'WORKER':28} {'ALIVE':6} SHARDS"]
+    for owner, held in report.workers.items():
+        alive = "yes" if owner in report.alive else "NO"
+        lines.append(f"{owner:28} {alive:6} {len(held)}: {', '.join(held)}")
+    if not report.workers:
+        lines.append("(no worker holds a lease)")
+    return "\n".join(lines)
