@@ -9,6 +9,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.config import Settings
+from wildrydes_stream.schema import table_problems
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +85,3 @@ async def stream_problems(kinesis: Any, name: str, shards: int) -> list[str]:
         f"stream {name} exists with {open_shards} open shards, not {shards}: reshard it "
         "(aws kinesis update-shard-count) or pass --shards " + str(open_shards)
     ]
-
-
-def table_problems(table: dict[str, Any], settings: Settings) -> list[str]:
-    """What is wrong with the item table for these settings: key schema, StatusTime type."""
-    name = settings.table_name
-    types = {a["AttributeName"]: a["AttributeType"] for a in table["AttributeDefinitions"]}
-    keys = {k["AttributeName"]: k["KeyType"] for k in table["KeySchema"]}
-    if keys != {"Name": "HASH", "StatusTime": "RANGE"}:
-        found = ", ".join(f"{k} ({v})" for k, v in keys.items())
-        return [
-            f"DynamoDB table {name!r} must have partition key Name and sort key StatusTime; "
-            f"it has {found}"
-        ]
-    expected = "N" if settings.status_time_format == "epoch_ms" else "S"
-    if types.get("StatusTime") != expected:
-        return [
-            f"DynamoDB table {name!r} stores StatusTime as {types.get('StatusTime')} but "
-            f"status_time_format={settings.status_time_format} writes {expected}: change the "
-            "setting (WILDRYDES_STATUS_TIME_FORMAT)"
-        ]
-    return []

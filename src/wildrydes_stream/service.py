@@ -15,8 +15,8 @@ from wildrydes_stream.aws import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer import FINAL_CHECKPOINT_TIMEOUT, Consumer, Wiring
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
-from wildrydes_stream.provision import table_problems
 from wildrydes_stream.records import Item, ItemKey, decode_item
+from wildrydes_stream.schema import table_problems
 from wildrydes_stream.sink.dynamodb import WriterPool
 from wildrydes_stream.source.poller import ShardState
 
