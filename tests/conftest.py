@@ -74,6 +74,7 @@ def settings(tmp_path: Path, aws_env: dict[str, str]) -> Settings:
         idle_poll_interval_seconds=0.05,
         min_poll_interval_seconds=0.0,
         shard_sync_interval_seconds=0.2,
+        lease_poll_interval_seconds=0.1,
         checkpoint_interval_seconds=0.1,
         batch_window_seconds=0.01,
         backoff_base_seconds=0.01,

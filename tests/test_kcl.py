@@ -129,11 +129,12 @@ async def test_leases_are_written_in_kcl_layout_with_hash_ranges_and_children(
             StreamName=one_shard.stream_name, ShardToSplit=SHARD, NewStartingHashKey=middle
         )
 
-        async def children_noted() -> bool:
-            item = (await raw_items(dynamodb, one_shard)).get(SHARD, {})
-            return "childShardIds" in item
+        async def children_noted_and_leased() -> bool:
+            items = await raw_items(dynamodb, one_shard)
+            children = items.get(SHARD, {}).get("childShardIds", {}).get("SS", [])
+            return len(children) == 2 and all(child in items for child in children)
 
-        await wait_for(children_noted, timeout=20)
+        await wait_for(children_noted_and_leased, timeout=20)
 
     items = await raw_items(dynamodb, one_shard)
     parent = items[SHARD]

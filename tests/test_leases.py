@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from tests.helpers import put_records, scan_table, unicorn_records, wait_for
+from tests.helpers import holds, put_records, scan_table, unicorn_records, wait_for
 from wildrydes_stream.checkpoint.balancing import fair_share, lease_to_steal
 from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
 from wildrydes_stream.config import Settings
@@ -192,3 +193,28 @@ async def test_the_leases_of_trimmed_shards_are_deleted_and_no_others(
     assert "shardId-trimmed" not in leases
     assert leases["shardId-unlisted"].checkpoint == "42"
     assert len(leases) == 5  # the stream's four shards and the unlisted one
+
+
+async def test_replicas_started_together_spread_evenly_without_taking_from_each_other(
+    settings: Settings, kinesis: Any, dynamodb: Any, running: list[Service]
+) -> None:
+    from wildrydes_stream.provision import ensure_stream, ensure_table
+
+    await ensure_stream(kinesis, settings.stream_name, 8)
+    await ensure_table(dynamodb, settings)
+    # The production pace of lease-table looks: replicas see each other within one.
+    paced = settings.replace(lease_poll_interval_seconds=1.0)
+    services = [Service(paced.replace(worker_id=f"replica-{i}")) for i in range(3)]
+    running.extend(services)
+    await asyncio.gather(*(service.start() for service in services))
+
+    def spread() -> list[int]:
+        return sorted(len(s.supervisor.owned) for s in services if s.supervisor)
+
+    await wait_for(holds(lambda: spread() == [2, 3, 3]), timeout=20)
+    # Each shard was started once in all: nobody took a lease from another to balance.
+    starts = [e for s in services if s.supervisor for e in s.supervisor.history]
+    assert sorted(shard for event, shard in starts if event == "start") == sorted(
+        {shard for _, shard in starts}
+    )
+    assert len(starts) == 8

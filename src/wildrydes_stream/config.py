@@ -86,6 +86,13 @@ class Settings:
         minimum=0.0,
         maximum=300.0,
     )
+    lease_poll_interval_seconds: float = _setting(
+        1.0,
+        "How often the lease table is read: released, expired and handed-over leases are "
+        "taken this soon (one Scan of the lease table each time).",
+        minimum=0.05,
+        maximum=300.0,
+    )
     shard_sync_interval_seconds: float = _setting(
         10.0, "How often ListShards looks for new shards.", minimum=0.1, maximum=3600.0
     )

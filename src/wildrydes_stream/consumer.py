@@ -297,11 +297,16 @@ class Consumer:
     async def _burst(self) -> None:
         assert self.supervisor is not None
         assert self.sink is not None
+        supervisor = self.supervisor
         while True:
-            await self.supervisor.wait_caught_up()
+            await supervisor.wait_caught_up()
             await self.sink.drain()
-            await self.supervisor.settle()
-            if not await self.supervisor.sync():
+            await supervisor.settle()
+            # The lease loop may have started shards meanwhile: done only when a sync starts
+            # nothing and every shard read here is caught up (then drain what they read).
+            if not await supervisor.sync() and supervisor.all_caught_up():
+                await self.sink.drain()
+                await supervisor.settle()
                 return
 
     @property

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class ShardSupervisor:
         self._wake = asyncio.Event()
         self._retry_log = RetryLog(log)
         self.owned: dict[str, OwnedShard] = {}
+        self._shards: list[Shard] = []
+        self._assigning = asyncio.Lock()
         self.synced = asyncio.Event()
         """Set after the first discovery: every readable shard has a poller."""
         self._seen: dict[str, tuple[int, float]] = {}
@@ -116,26 +119,52 @@ class ShardSupervisor:
         )
 
     async def run(self) -> None:
-        """Discover shards now and every interval (or at once when a shard ends) until stopped."""
+        """Until stopped: look at the lease table every `lease_poll_interval_seconds` (take
+        released, expired and unclaimed leases at once, notice taken ones), and list the
+        stream's shards every `shard_sync_interval_seconds` or at once when a shard ends."""
+        s = self._settings
+        next_listing = time.monotonic() + s.shard_sync_interval_seconds
         while not self._stopping.is_set():
             try:
-                await self.sync()
+                if self._wake.is_set() or time.monotonic() >= next_listing:
+                    self._wake.clear()
+                    await self.discover()
+                    next_listing = time.monotonic() + s.shard_sync_interval_seconds
+                await self.assign()
             except Exception as exc:
                 if not self.synced.is_set():
                     raise
                 self._retry_log.failed("shard discovery", exc)
-            self._wake.clear()
-            await wait_or_timeout(self._wake, self._settings.shard_sync_interval_seconds)
+            pause = min(s.lease_poll_interval_seconds, next_listing - time.monotonic())
+            await wait_or_timeout(self._wake, pause)
 
     async def sync(self) -> list[str]:
-        """Take and start every readable shard not yet owned; returns the ids started."""
-        shards = await list_shards(self._kinesis, self._settings.stream_name)
+        """List the shards, then take and start what this worker should read."""
+        await self.discover()
+        return await self.assign()
+
+    async def discover(self) -> None:
+        self._shards = await list_shards(self._kinesis, self._settings.stream_name)
+
+    async def assign(self) -> list[str]:
+        """Take and start readable shards up to this worker's fair share; returns those started.
+
+        The share counts the live workers (owners of leases that are renewed) and this one. A
+        worker holding nothing takes one lease only, so workers that start together see each
+        other in the table at their next look and split the shards without stealing. One
+        assignment at a time (the loop and a burst run both assign): two at once could both
+        take the same shard and read it twice."""
+        async with self._assigning:
+            return await self._assign()
+
+    async def _assign(self) -> list[str]:
+        shards = self._shards
         held = dict(self.owned)
         leases = await self._leases.all()
         for known in leases.values():
             self._note(known)
         self._drop_taken(held, leases)
-        started = []
+        started: list[str] = []
         finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
         await self._forget_trimmed(finished - {shard.shard_id for shard in shards})
         self._check_positions(leases)
@@ -144,7 +173,10 @@ class ShardSupervisor:
         readable = readable_shards(
             shards, finished, leases.keys(), skip_unleased_closed=configured == LATEST
         )
+        budget = self._budget_of_takes(readable, leases)
         for shard in readable:
+            if len(started) >= budget:
+                break
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
             scanned = leases.get(shard.shard_id)
@@ -159,14 +191,34 @@ class ShardSupervisor:
             parents = [leases[p] for p in shard.parents if p in leases]
             self._start(lease, [p.state for p in parents if p.state is not None])
             started.append(shard.shard_id)
-        stolen = await self._steal_one(
-            [leases[s.shard_id] for s in readable if s.shard_id in leases]
-        )
+        # Stealing only once every readable shard has a live owner: while some are free,
+        # taking those is the way to an even spread, and a steal would read one twice.
+        claimed = [leases.get(shard.shard_id) for shard in readable]
+        if all(lease is not None and self._is_live(lease) for lease in claimed):
+            stolen = await self._steal_one([lease for lease in claimed if lease is not None])
+        else:
+            stolen = None
         if stolen is not None:
             started.append(stolen)
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
+
+    def _budget_of_takes(self, readable: list[Shard], leases: dict[str, Lease]) -> int:
+        """How many more shards to take now: up to the fair share among the live workers, and
+        no more than doubling what is held (one while holding none). Replicas starting a
+        little apart then see each other in the table before one has taken everything, and
+        split the shards without stealing; a lone worker holds all of them after a few looks
+        (1, 2, 4, ... a `lease_poll_interval_seconds` apart)."""
+        me = self._leases.owner
+        others = {
+            lease.owner
+            for lease in leases.values()
+            if lease.owner and lease.owner != me and not self._expired(lease)
+        }
+        share = math.ceil(len(readable) / (len(others) + 1))
+        held = len(self.owned)
+        return max(0, min(share - held, max(1, held)))
 
     def _drop_taken(self, held: dict[str, OwnedShard], scanned: dict[str, Lease]) -> None:
         """Shards held before the scan whose lease now names another owner (or none) were
@@ -211,6 +263,12 @@ class ShardSupervisor:
         log.info("took lease to balance", extra={"shard": lease.shard_id, "from": owner})
         self._start(lease)
         return lease.shard_id
+
+    def _is_live(self, lease: Lease) -> bool:
+        """Held by this worker or by one still renewing it."""
+        if lease.shard_id in self.owned:
+            return True
+        return lease.owner is not None and not self._expired(lease)
 
     def _held_by_other(self, lease: Lease) -> bool:
         owner = lease.owner
@@ -441,6 +499,9 @@ class ShardSupervisor:
         self._metrics.shards_owned.set(len(self.owned))
         with contextlib.suppress(KeyError):
             self._metrics.behind_latest.remove(owned.shard_id)
+
+    def all_caught_up(self) -> bool:
+        return all(o.poller.caught_up.is_set() for o in list(self.owned.values()))
 
     async def wait_caught_up(self) -> None:
         """Every owned shard had an empty poll or ended (burst runs)."""
