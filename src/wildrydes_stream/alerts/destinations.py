@@ -41,7 +41,7 @@ class Alert:
     status_time: str
     """As the record had it: `YYYY-MM-DD HH:MM:SS.mmm`, UTC."""
     epoch_ms: int
-    min_magic_points: Decimal
+    min_magic_points: int | Decimal
     threshold: int
     state: AlertState
 
@@ -53,13 +53,12 @@ class Alert:
         return f"{self.name}:{minute:%Y-%m-%dT%H:%MZ}:{self.state}"
 
     def body(self) -> dict[str, Any]:
-        magic = self.min_magic_points
         return {
             "id": self.id,
             "state": self.state,
             "name": self.name,
             "status_time": self.status_time,
-            "min_magic_points": int(magic) if magic == magic.to_integral_value() else float(magic),
+            "min_magic_points": _number(self.min_magic_points),
             "threshold": self.threshold,
         }
 
@@ -173,6 +172,13 @@ def destinations(settings: Settings, clients: AwsClients) -> list[Destination]:
     if settings.alert_webhook_url:
         chosen.append(WebhookDestination(settings.alert_webhook_url))
     return chosen
+
+
+def _number(value: int | Decimal) -> int | float:
+    """As JSON: a whole number stays an integer (`47`, not `47.0`)."""
+    if isinstance(value, int) or value != value.to_integral_value():
+        return value if isinstance(value, int) else float(value)
+    return int(value)
 
 
 def _dedup_id(alert: Alert) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -58,14 +59,18 @@ class AlertMetrics:
             for state in ("firing", "resolved"):
                 self.alerts.labels(state, destination)
         self._max_unicorns = max_unicorns
-        self._shard_of: dict[str, str] = {}
-        """Unicorn -> the shard its series was last set from."""
+        self._series: dict[str, tuple[str, Any]] = {}
+        """Unicorn -> (the shard its series was last set from, the series): looked up once
+        per record, so the labelled child is kept rather than found again each time."""
         self._capped = False
 
     def saw(self, shard_id: str, unicorn: str, magic: float) -> None:
         """The latest MinMagicPoints of a unicorn, read on a shard."""
-        shard_of = self._shard_of
-        if unicorn not in shard_of and len(shard_of) >= self._max_unicorns:
+        known = self._series.get(unicorn)
+        if known is not None and known[0] == shard_id:
+            known[1].set(magic)
+            return
+        if known is None and len(self._series) >= self._max_unicorns:
             if not self._capped:
                 self._capped = True
                 log.warning(
@@ -75,12 +80,13 @@ class AlertMetrics:
                     self._max_unicorns,
                 )
             return
-        shard_of[unicorn] = shard_id
-        self.magic.labels(unicorn).set(magic)
+        series = self.magic.labels(unicorn)
+        self._series[unicorn] = (shard_id, series)
+        series.set(magic)
 
     def forget_shard(self, shard_id: str) -> None:
         """This process no longer reads the shard: drop the series of its unicorns."""
-        gone = [unicorn for unicorn, shard in self._shard_of.items() if shard == shard_id]
+        gone = [unicorn for unicorn, (shard, _) in self._series.items() if shard == shard_id]
         for unicorn in gone:
-            del self._shard_of[unicorn]
+            del self._series[unicorn]
             self.magic.remove(unicorn)

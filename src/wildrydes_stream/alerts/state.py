@@ -48,7 +48,7 @@ class UnicornStates:
         """Called with the shard id when a shard is forgotten (its gauges go with it)."""
 
     def evaluate(
-        self, shard_id: str, sequence: int, name: str, magic: Decimal | float
+        self, shard_id: str, sequence: int, name: str, magic: int | Decimal | float
     ) -> AlertState | None:
         """One record's `MinMagicPoints`: `firing` when the unicorn falls below the threshold,
         `resolved` when it is back at or above it, None when nothing changed."""
