@@ -152,12 +152,13 @@ async def kinesis_proxy(
         yield proxy
 
 
-# --- moto's server (real SQS and S3 protocols) for the dead-letter and redrive tests ---------
+# --- moto's server (real SQS, S3 and SNS protocols): dead letters, redrive, alerts -----------
 
 
 @pytest.fixture
 def moto_endpoint(aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """One moto server for this test, SQS and S3 pointed at it through the SDK's variables."""
+    """One moto server for this test, SQS, S3 and SNS pointed at it through the SDK's
+    variables."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -170,6 +171,7 @@ def moto_endpoint(aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> I
         pass
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SNS", endpoint)
     yield endpoint
     server.stop()
 
@@ -183,6 +185,12 @@ async def sqs(moto_endpoint: str) -> AsyncIterator[Any]:
 @pytest.fixture
 async def s3(moto_endpoint: str) -> AsyncIterator[Any]:
     async with client("s3") as c:
+        yield c
+
+
+@pytest.fixture
+async def sns(moto_endpoint: str) -> AsyncIterator[Any]:
+    async with client("sns") as c:
         yield c
 
 

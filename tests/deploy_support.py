@@ -254,7 +254,7 @@ def parse_exposition(text: str) -> Exposition:
 
 # --- AWS calls in the service's code -------------------------------------------------------
 
-AWS_SERVICES = ("kinesis", "dynamodb", "sqs", "s3")
+AWS_SERVICES = ("kinesis", "dynamodb", "sqs", "s3", "sns")
 # X-Amz-Target prefixes of the JSON protocols, for code that calls the APIs by name.
 _TARGET_PREFIXES = {"Kinesis": "kinesis", "DynamoDB": "dynamodb", "AmazonSQS": "sqs"}
 # API operations whose IAM action has another name.

@@ -487,7 +487,9 @@ def test_iam_policy_allows_exactly_the_calls_the_service_makes() -> None:
     calls = d.aws_calls(modules)
     needed = {call.iam_action for call in calls}
     # The scanner must see the service's core calls, or it sees nothing.
-    assert {"kinesis:GetRecords", "dynamodb:BatchWriteItem", "sqs:SendMessage"} <= needed
+    assert {"kinesis:GetRecords", "dynamodb:BatchWriteItem", "sqs:SendMessage", "sns:Publish"} <= (
+        needed
+    )
 
     allowed: set[str] = set()
     for statement in statements(iam_policy("policy.json")):
@@ -500,7 +502,7 @@ def test_iam_policy_allows_exactly_the_calls_the_service_makes() -> None:
     assert not allowed - needed, f"allowed but never called: {sorted(allowed - needed)}"
 
 
-def test_iam_policy_resources_are_the_stream_the_tables_and_the_queue_only() -> None:
+def test_iam_policy_resources_are_the_stream_the_tables_the_queue_and_the_topic_only() -> None:
     settings = configmap_settings()
     region, account = d.PLACEHOLDERS["AWS_REGION"], d.PLACEHOLDERS["ACCOUNT_ID"]
     queue = settings.deadletter_queue_url.rstrip("/").rsplit("/", 1)[-1]
@@ -522,6 +524,9 @@ def test_iam_policy_resources_are_the_stream_the_tables_and_the_queue_only() -> 
     s3_uri = load_settings(environ={"WILDRYDES_DEADLETTER_S3_URI": suggested.group(1)})
     bucket, _, prefix = s3_uri.deadletter_s3_uri.removeprefix("s3://").partition("/")
     s3_prefix = f"arn:aws:s3:::{bucket}/{prefix.strip('/')}/*"
+    # Alerts go to the ConfigMap's topic, and only there.
+    topic = settings.alert_sns_topic_arn
+    assert topic.startswith(f"arn:aws:sns:{region}:{account}:")
 
     actions_on: dict[str, set[str]] = {}
     for statement in statements(iam_policy("policy.json")):
@@ -535,12 +540,14 @@ def test_iam_policy_resources_are_the_stream_the_tables_and_the_queue_only() -> 
             for action in as_list(statement["Action"]):
                 assert action.split(":")[0] == service, f"{action} on {resource}"
                 actions_on.setdefault(resource, set()).add(action)
-    assert set(actions_on) == {stream, table, leases, queue_arn, s3_prefix}
+    assert set(actions_on) == {stream, table, leases, queue_arn, s3_prefix, topic}
     # The item table is only written to: the service never reads, scans or creates it.
     assert actions_on[table] == {"dynamodb:BatchWriteItem", "dynamodb:DescribeTable"}
     assert actions_on[queue_arn] == {"sqs:GetQueueAttributes", "sqs:SendMessage"}
     # Dead letters in S3: written only (the start-up check is a PutObject too).
     assert actions_on[s3_prefix] == {"s3:PutObject"}
+    # Alerts: published (the start-up check reads the topic's attributes), nothing else.
+    assert actions_on[topic] == {"sns:GetTopicAttributes", "sns:Publish"}
     # The only deletion: leases of shards Kinesis has trimmed away, in the lease table.
     deletions = {
         (resource, action)
@@ -703,6 +710,21 @@ ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] =
         "WildrydesStreamBlocked",
         [],
     ),
+    (
+        [
+            _series("wildrydes_unicorn_min_magic_points", "80 60 49 45", unicorn="Shadowfax"),
+            _series("wildrydes_unicorn_min_magic_points", "80 50 50 50", unicorn="Rocinante"),
+        ],
+        "3m",
+        "WildrydesUnicornMagicLow",
+        [{"severity": "warning", "unicorn": "Shadowfax"}],
+    ),
+    (
+        [_series("wildrydes_unicorn_min_magic_points", "80 40 45 50", unicorn="Shadowfax")],
+        "3m",
+        "WildrydesUnicornMagicLow",
+        [],
+    ),
 ]
 
 
@@ -738,6 +760,7 @@ def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
         "WildrydesStreamNotWriting",
         "WildrydesStreamRecordsDeadLettered",
         "WildrydesStreamNoReadyPods",
+        "WildrydesUnicornMagicLow",
     }
     promtool_ok(["test", "rules", str(spec)])
 
@@ -838,6 +861,8 @@ def test_live_service_metrics_pass_promtool_and_back_every_alert_and_panel(live:
     assert "wildrydes_records_written_total" in exposition.samples
     assert "wildrydes_records_dead_lettered_total" in exposition.samples
     assert "wildrydes_shard_behind_latest_seconds" in exposition.samples
+    # The unicorns of the records read (the magic alert's labels are checked below with it).
+    assert exposition.samples.get("wildrydes_unicorn_min_magic_points") == {"unicorn"}
 
     sources = [(f"alert {r['alert']}", r["expr"]) for r in d.alert_rules()]
     sources += [(q.where, q.expr) for q in d.dashboard_queries(d.dashboard())]

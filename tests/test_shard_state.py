@@ -10,10 +10,9 @@ from tests.helpers import put_records
 from tests.test_faults import make_records
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer import Consumer, Wiring
+from wildrydes_stream.consumer import Consumer, Sink, Wiring
 from wildrydes_stream.records import Envelope
 from wildrydes_stream.service import TableCopy
-from wildrydes_stream.sink.dynamodb import WriterPool
 
 
 class CountingState:
@@ -41,9 +40,9 @@ class CountingState:
 
 
 class CountingSink:
-    """The table copy's writers, counting each record as the poller hands it over."""
+    """The table copy's sink, counting each record as the poller hands it over."""
 
-    def __init__(self, pool: WriterPool, counter: CountingState) -> None:
+    def __init__(self, pool: Sink, counter: CountingState) -> None:
         self._pool = pool
         self._counter = counter
 

@@ -65,6 +65,8 @@ class AwsClients:
         """Lease table and DescribeTable, with botocore's standard retries."""
         self.sqs: Any = None
         self.s3: Any = None
+        self.sns: Any = None
+        """Low-magic alerts (alerts/destinations.py), which retry and count failures themselves."""
 
     async def __aenter__(self) -> AwsClients:
         session = get_session()
@@ -80,6 +82,7 @@ class AwsClients:
         # log each failure: botocore's own retries would hide them for seconds at a time.
         self.sqs = await enter(create("sqs", region_name=region, config=DATA_PATH))
         self.s3 = await enter(create("s3", region_name=region, config=DATA_PATH))
+        self.sns = await enter(create("sns", region_name=region, config=DATA_PATH))
         self.kinesis_data, self.dynamodb_data = self.kinesis, self.dynamodb
         if self._fast:
             credentials = await session.get_credentials()

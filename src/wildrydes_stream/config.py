@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import socket
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,6 +187,41 @@ class Settings:
         "",
         "`s3://bucket/prefix` for dead letters, one object per batch, any record size; empty "
         "disables it.",
+    )
+    alert_magic_threshold: int = _setting(
+        50,
+        "A unicorn whose `MinMagicPoints` falls below this raises one `firing` alert; one "
+        "`resolved` alert follows when it is back at or above it.",
+        minimum=0,
+        maximum=1_000_000,
+    )
+    alert_sns_topic_arn: str = _setting(
+        "", "SNS topic ARN low-magic alerts are published to; empty disables it."
+    )
+    alert_webhook_url: str = _setting(
+        "",
+        "http(s) URL each low-magic alert is POSTed to as one JSON object (2xx = delivered); "
+        "empty disables it.",
+    )
+    alert_max_unicorns_tracked: int = _setting(
+        1000,
+        "Unicorns with a `wildrydes_unicorn_min_magic_points` series; past it, no new series "
+        "(alerts still fire).",
+        minimum=0,
+        maximum=1_000_000,
+    )
+    alert_queue_size: int = _setting(
+        1000,
+        "Alerts waiting for delivery; pollers wait when it is full.",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    alert_delivery_timeout_seconds: float = _setting(
+        10.0,
+        "Longest one delivery attempt of an alert to SNS or the webhook takes before it counts "
+        "as failed and is retried.",
+        minimum=0.1,
+        maximum=600.0,
     )
     blocked_log_interval_seconds: float = _setting(
         30.0,
@@ -372,11 +409,36 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError(
             f"setting deadletter_s3_uri: {settings.deadletter_s3_uri!r} is not s3://bucket/prefix"
         )
+    _check_alert_destinations(settings)
     if -1 < settings.max_record_age_seconds < 0:
         raise ConfigError("setting max_record_age_seconds must be -1 (never) or at least 0")
     if settings.backoff_max_seconds < settings.backoff_base_seconds:
         raise ConfigError("setting backoff_max_seconds is below backoff_base_seconds")
     return settings
+
+
+# arn:PARTITION:sns:REGION:ACCOUNT:NAME (a FIFO topic's name ends in .fifo).
+_TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?")
+
+
+def _check_alert_destinations(settings: Settings) -> None:
+    arn = settings.alert_sns_topic_arn
+    if arn and not _TOPIC_ARN.fullmatch(arn):
+        raise ConfigError(
+            f"setting alert_sns_topic_arn: {arn!r} is not an SNS topic ARN "
+            "(arn:aws:sns:REGION:ACCOUNT:TOPIC)"
+        )
+    url = settings.alert_webhook_url
+    if url:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"setting alert_webhook_url: {url!r} is not an http:// or https:// URL with a host"
+            )
 
 
 def _parse_timestamp(text: str, name: str) -> datetime:

@@ -1,7 +1,9 @@
-"""`run`: the consumer that copies aggregates into the DynamoDB table.
+"""`run`: the consumer that copies aggregates into the DynamoDB table, with low-magic alerts.
 
-Records decode to table items (records.py) and go to the batched BatchWriteItem writers
-(sink/dynamodb.py); at start the table must exist with the key schema the settings write.
+Records decode to table items (records.py); each is evaluated by the alert stage (alerts/) in
+shard order and goes to the batched BatchWriteItem writers (sink/dynamodb.py). At start the
+table must exist with the key schema the settings write, and the alert destinations be usable.
+The per-unicorn alert state is the application's per-shard state: it moves with the leases.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from typing import Any
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
+from wildrydes_stream.alerts.destinations import destinations
+from wildrydes_stream.alerts.metrics import AlertMetrics
+from wildrydes_stream.alerts.stage import AlertingSink, AlertStage
+from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.aws import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer import FINAL_CHECKPOINT_TIMEOUT, Consumer, Wiring
@@ -24,14 +30,18 @@ __all__ = ["FINAL_CHECKPOINT_TIMEOUT", "Service", "TableCopy"]
 
 
 class TableCopy:
-    """Each record becomes one item of `table_name`."""
+    """Each record becomes one item of `table_name`; a unicorn's magic falling below
+    `alert_magic_threshold` (and recovering) raises an alert."""
 
-    state: ShardState | None = None
+    state: ShardState | None
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._format = settings.status_time_format
         self.pool: WriterPool | None = None
+        self.alerts: AlertStage | None = None
+        self.unicorns = UnicornStates(settings.alert_magic_threshold)
+        self.state = self.unicorns
 
     def decode(self, data: bytes) -> tuple[ItemKey, Item]:
         return decode_item(data, self._format)
@@ -48,8 +58,10 @@ class TableCopy:
                 ) from None
             raise
         _check_sort_key(table["Table"], s)
+        for destination in destinations(s, clients):
+            await destination.check()
 
-    def sink(self, wiring: Wiring) -> WriterPool:
+    def sink(self, wiring: Wiring) -> AlertingSink:
         self.pool = WriterPool(
             wiring.clients.dynamodb_data,
             wiring.settings,
@@ -59,7 +71,13 @@ class TableCopy:
             blocked=wiring.blocked,
             budget=wiring.budget,
         )
-        return self.pool
+        s = wiring.settings
+        chosen = destinations(s, wiring.clients)
+        metrics = AlertMetrics(
+            wiring.metrics.registry, [d.name for d in chosen], s.alert_max_unicorns_tracked
+        )
+        self.alerts = AlertStage(self.unicorns, chosen, metrics, s, wiring.on_failure)
+        return AlertingSink(self.pool, self.alerts)
 
 
 class Service(Consumer):

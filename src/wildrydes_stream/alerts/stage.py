@@ -1,0 +1,228 @@
+"""The alert stage of `run`: evaluate each record in shard order, deliver alerts at least once.
+
+    poller -> AlertingSink.put -> evaluate (UnicornStates) -> table writers (WriterPool)
+                                                   └─ alert ─> bounded alert queue -> delivery
+
+A record that raises an alert is acknowledged to its shard only once both its table write and
+its alert delivery are done (`_Both` wraps its tenure), so a checkpoint never passes an alert
+that was not delivered: after a crash the record is read again and its alert sent again, with
+the same id. Alerts are delivered by one task, in order (a unicorn's `resolved` never overtakes
+its `firing`), from a queue of their own: a failing destination is retried with capped backoff
+and counted, and holds up the table writes of other records only once that queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+from wildrydes_stream.alerts.destinations import SETTING_OF, Alert, Destination
+from wildrydes_stream.alerts.metrics import AlertMetrics
+from wildrydes_stream.alerts.state import UnicornStates
+from wildrydes_stream.config import Settings
+from wildrydes_stream.records import Envelope, Tenure, status_time_to_epoch_ms
+from wildrydes_stream.retry import backoff_delay, error_code
+from wildrydes_stream.sink.dynamodb import WriterPool
+
+log = logging.getLogger(__name__)
+
+
+class _Both:
+    """The tenure of a record with an alert: the original is told once both the table write
+    and the alert delivery finished (each calls `finish` once)."""
+
+    __slots__ = ("_left", "_tenure")
+
+    def __init__(self, tenure: Tenure) -> None:
+        self._tenure = tenure
+        self._left = 2
+
+    @property
+    def fenced(self) -> bool:
+        return self._tenure.fenced
+
+    def finish(self, sequence: int) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._tenure.finish(sequence)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    alert: Alert
+    tenure: Tenure
+    sequence: int
+
+
+class AlertStage:
+    """Evaluates records against the per-unicorn state and delivers the alerts."""
+
+    def __init__(
+        self,
+        states: UnicornStates,
+        destinations: list[Destination],
+        metrics: AlertMetrics,
+        settings: Settings,
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self._states = states
+        self._destinations = destinations
+        self._metrics = metrics
+        self._settings = settings
+        self._on_failure = on_failure
+        self._epoch_ms = settings.status_time_format == "epoch_ms"
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.alert_queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._last_logged: dict[str, float] = {}
+        states.on_forget = metrics.forget_shard
+        metrics.queued.set_function(self._queue.qsize)
+
+    def evaluate(self, envelope: Envelope) -> Alert | None:
+        """The alert this record raises, if any; updates the unicorn's state and gauge."""
+        magic = _magic(envelope)
+        if magic is None:
+            return None
+        name = envelope.key[0]
+        self._metrics.saw(envelope.shard_id, name, float(magic))
+        state = self._states.evaluate(envelope.shard_id, envelope.sequence, name, magic)
+        if state is None:
+            return None
+        status_time, epoch_ms = self._status_time(envelope)
+        return Alert(name, status_time, epoch_ms, magic, self._states.threshold, state)
+
+    def _status_time(self, envelope: Envelope) -> tuple[str, int]:
+        value = envelope.item["StatusTime"]
+        if self._epoch_ms:
+            ms = int(value["N"])
+            moment = datetime.fromtimestamp(ms // 1000, UTC)
+            return f"{moment:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d}", ms
+        text: str = value["S"]
+        return text, status_time_to_epoch_ms(text)
+
+    async def put(self, alert: Alert, tenure: Tenure, sequence: int) -> None:
+        """Queue an alert for delivery; waits while the queue is full."""
+        await self._queue.put(_Pending(alert, tenure, sequence))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="alert-delivery")
+            self._task.add_done_callback(self._check)
+
+    def _check(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._on_failure(task.exception())  # type: ignore[arg-type]
+
+    async def drain(self) -> None:
+        await self._queue.join()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for destination in self._destinations:
+            await destination.close()
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            pending = await queue.get()
+            try:
+                # A tenure that ended is not delivered for: the shard's new owner reads the
+                # record again (it was not acknowledged) and sends the alert itself.
+                if not pending.tenure.fenced:
+                    await asyncio.gather(*(self._deliver(d, pending) for d in self._destinations))
+                    pending.tenure.finish(pending.sequence)
+            finally:
+                queue.task_done()
+
+    async def _deliver(self, destination: Destination, pending: _Pending) -> None:
+        """Until delivered (or the tenure ends), with capped backoff between attempts."""
+        s = self._settings
+        alert = pending.alert
+        attempt = 0
+        while not pending.tenure.fenced:
+            try:
+                async with asyncio.timeout(s.alert_delivery_timeout_seconds):
+                    await destination.deliver(alert)
+            except Exception as exc:
+                attempt += 1
+                self._failed(destination.name, exc)
+                await asyncio.sleep(
+                    backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds)
+                )
+                continue
+            self._metrics.alerts.labels(alert.state, destination.name).inc()
+            return
+
+    def _failed(self, destination: str, exc: BaseException) -> None:
+        self._metrics.failures.labels(destination).inc()
+        now = time.monotonic()
+        last = self._last_logged.get(destination)
+        if last is not None and now - last < self._settings.blocked_log_interval_seconds:
+            return
+        self._last_logged[destination] = now
+        cause = error_code(exc) or type(exc).__name__
+        log.warning(
+            "alert destination %s failed, retrying until it works (check %s): %s: %s",
+            destination,
+            SETTING_OF[destination],
+            cause,
+            exc,
+            extra={"destination": destination},
+        )
+
+
+class AlertingSink:
+    """The `run` sink: each record is evaluated in shard order, then written to the table; a
+    record with an alert is acknowledged once both its write and its alert are done."""
+
+    def __init__(self, pool: WriterPool, stage: AlertStage) -> None:
+        self.pool = pool
+        self.stage = stage
+
+    def start(self) -> None:
+        self.pool.start()
+        self.stage.start()
+
+    async def put(self, envelope: Envelope) -> None:
+        if envelope.tenure.fenced:
+            await self.pool.put(envelope)  # dropped by the writers, state left alone
+            return
+        alert = self.stage.evaluate(envelope)
+        if alert is None:
+            await self.pool.put(envelope)
+            return
+        envelope.tenure = both = _Both(envelope.tenure)
+        await self.pool.put(envelope)
+        await self.stage.put(alert, both, envelope.sequence)
+
+    async def drain(self) -> None:
+        await asyncio.gather(self.pool.drain(), self.stage.drain())
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        await self.stage.stop()
+
+
+def _magic(envelope: Envelope) -> int | Decimal | None:
+    """The record's MinMagicPoints, or None when it has none (nothing to evaluate)."""
+    value = envelope.item.get("MinMagicPoints")
+    if value is None or "N" not in value:
+        return None
+    text: str = value["N"]
+    try:
+        return int(text)  # the common case, and several times cheaper than Decimal
+    except ValueError:
+        pass
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return None
