@@ -1,5 +1,6 @@
-"""Command line: `run` (the service), `local` (everything on this machine), `provision`,
-`redrive` (dead letters back into the table), `settings`, `produce` (the workshop's producer)."""
+"""Command line: `run` (the service), `aggregate` (raw readings -> per-minute windows), `local`
+(everything on this machine), `provision`, `redrive` (dead letters back into the table),
+`settings`, `produce` (the workshop's producer)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _settings_options(commands.add_parser("run", help="run the service until SIGTERM or SIGINT"))
+    _settings_options(
+        commands.add_parser(
+            "aggregate",
+            help="aggregate raw readings (raw_stream_name) into per-minute windows on "
+            "stream_name, until SIGTERM or SIGINT",
+        )
+    )
     local = commands.add_parser(
         "local", help="run emulators, a simulated unicorn fleet and the service on this machine"
     )
@@ -245,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run_loop(_serve(settings))
+        if args.command == "aggregate":
+            return _run_loop(_aggregate(settings))
         if args.command == "provision":
             return _run_loop(_provision(settings, args.shards))
         if args.command == "status":
@@ -340,6 +350,16 @@ async def _serve(settings: Settings) -> int:
     async with service:
         await service.wait()
     return service.exit_code
+
+
+async def _aggregate(settings: Settings) -> int:
+    from wildrydes_stream.aggregate.app import Aggregator
+
+    aggregator = Aggregator(settings)
+    install_signal_handlers(aggregator.request_stop)
+    async with aggregator:
+        await aggregator.wait()
+    return aggregator.exit_code
 
 
 async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> int:

@@ -49,7 +49,49 @@ def _default_worker_id() -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    stream_name: str = _setting("wildrydes-aggregated", "Kinesis stream to read.")
+    stream_name: str = _setting(
+        "wildrydes-aggregated",
+        "Kinesis stream of per-minute aggregates: `run` reads it, `aggregate` puts on it.",
+    )
+    raw_stream_name: str = _setting(
+        "wildrydes",
+        "Kinesis stream of raw per-second readings that `aggregate` reads.",
+    )
+    aggregate_lease_table_name: str = _setting(
+        "wildrydes-aggregate-leases",
+        "Lease table of `aggregate` (its own, so it runs beside `run` with the same settings); "
+        "created if missing.",
+    )
+    window_seconds: int = _setting(
+        60,
+        "Length of `aggregate`'s tumbling event-time windows (one record per unicorn per "
+        "window, labelled by its start).",
+        minimum=1,
+        maximum=3600,
+    )
+    allowed_lateness_seconds: float = _setting(
+        60.0,
+        "How far behind the latest StatusTime read on a shard a reading may come and still be "
+        "in its window's first put: a window is put once the shard's watermark (latest "
+        "StatusTime minus this) passes its end.",
+        minimum=0.0,
+        maximum=86400.0,
+    )
+    idle_window_timeout_seconds: float = _setting(
+        120.0,
+        "Wall time a unicorn may be silent on a shard before its windows still open are put "
+        "anyway (the last minute of a ride).",
+        minimum=0.1,
+        maximum=86400.0,
+    )
+    late_horizon_seconds: float = _setting(
+        3600.0,
+        "A reading more than this behind the watermark is dead-lettered as `late`; later "
+        "readings re-put their window with them included. Windows older than this are "
+        "forgotten.",
+        minimum=0.0,
+        maximum=604800.0,
+    )
     table_name: str = _setting(
         "UnicornSensorData",
         "DynamoDB table the items are written to (`TABLE_NAME` is honoured too).",
@@ -390,7 +432,13 @@ def _coerce(field: dataclasses.Field[Any], value: Any, where: str) -> Any:
 
 
 def _validate(settings: Settings) -> Settings:
-    for name in ("stream_name", "table_name", "lease_table_name"):
+    for name in (
+        "stream_name",
+        "table_name",
+        "lease_table_name",
+        "raw_stream_name",
+        "aggregate_lease_table_name",
+    ):
         if not getattr(settings, name):
             raise ConfigError(f"setting {name} must not be empty")
     if settings.starting_position == "AT_TIMESTAMP" and not settings.starting_timestamp:
