@@ -35,21 +35,31 @@ def test_a_unicorn_minute_follows_the_workshop_producer_model() -> None:
     assert abs(second["MinMagicPoints"] - first["MinMagicPoints"]) <= 120
 
 
-async def test_local_runs_the_pipeline_and_finds_every_record_in_the_table() -> None:
+async def test_local_runs_the_whole_pipeline_and_checks_every_minute_in_the_table() -> None:
     env = bare_env(WILDRYDES_HTTP_PORT="0", WILDRYDES_HTTP_HOST="127.0.0.1")
+    # At 600 simulated seconds a real one, 4 s hold 40 simulated minutes of 3 unicorns:
+    # raw readings -> aggregate -> wildrydes-aggregated -> run -> the table, with alerts.
     code, stdout, stderr = await run_to_exit(
-        env, "local", "--duration", "3", "--unicorns", "3", "--rate", "10", timeout=90
+        env, "local", "--duration", "4", "--unicorns", "3", "--speed", "600", timeout=120
     )
 
     assert code == 0, stderr
-    produced = re.search(r"fleet stopped after (\d+) records", stdout)
+    produced = re.search(r"fleet stopped after (\d+) readings", stdout)
     assert produced is not None, stdout
-    assert int(produced.group(1)) > 0
-    assert f"OK: all {produced.group(1)} records are in UnicornSensorData" in stdout
-    assert "copy: read" in stdout  # the live summary was printed
-    assert "fleet stopped after" in stdout
-    assert "service stopped (drained)" in stdout
-    assert "emulators stopped" in stdout
+    assert int(produced.group(1)) > 1000
+    ok = re.search(
+        r"OK: all (\d+) unicorn-minutes of (\d+) readings are in UnicornSensorData "
+        r"with the right values",
+        stdout,
+    )
+    assert ok is not None, stdout
+    assert ok.group(2) == produced.group(1)
+    assert int(ok.group(1)) >= 3 * 30
+    # The live summary shows every stage.
+    for stage in ("fleet: readings", "aggregate: read", "run: read", "alerts: received"):
+        assert stage in stdout, stage
+    for stopped in ("aggregate stopped (drained)", "run stopped (drained)", "emulators stopped"):
+        assert stopped in stdout, stopped
 
 
 async def test_ctrl_c_stops_local_cleanly_and_quickly() -> None:
@@ -57,7 +67,7 @@ async def test_ctrl_c_stops_local_cleanly_and_quickly() -> None:
     env = bare_env(WILDRYDES_HTTP_PORT="0", WILDRYDES_HTTP_HOST="127.0.0.1")
     local = await ServiceProcess.start(env, "local", "--unicorns", "2", own_group=True)
     try:
-        await wait_for(holds(lambda: "produced" in local.stdout), timeout=60)
+        await wait_for(holds(lambda: "fleet: readings" in local.stdout), timeout=60)
         os.killpg(local.pid, signal.SIGINT)
         sent = time.monotonic()
         code = await local.wait(timeout=30)

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     local = commands.add_parser(
-        "local", help="run emulators, a simulated unicorn fleet and the service on this machine"
+        "local",
+        help="the whole pipeline on this machine: emulators, simulated unicorns, aggregate, "
+        "run and alerts",
     )
     _settings_options(local)
     local.add_argument(
@@ -69,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--shards", type=int, default=4, help="shards of the local stream")
     local.add_argument("--unicorns", type=int, default=6, help="simulated unicorns")
     local.add_argument(
-        "--rate",
-        type=float,
-        default=20.0,
-        help="aggregated records a second per unicorn (simulated minutes)",
+        "--speed",
+        type=_positive(float),
+        default=60.0,
+        help="simulated seconds per real second (60: a simulated minute a second)",
     )
     provision = commands.add_parser(
         "provision", help="create the stream and the table if missing (development)"
@@ -270,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "local":
             from wildrydes_stream.local.runner import LocalOptions, run_local
 
-            options = LocalOptions(args.duration, args.shards, args.unicorns, args.rate)
+            options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
             return _run_loop(run_local(settings, options))
     except WildrydesError as exc:
         print(f"wildrydes-stream: {exc}", file=sys.stderr)

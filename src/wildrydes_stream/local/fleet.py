@@ -1,35 +1,64 @@
-"""A simulated fleet of unicorns putting per-minute aggregates on the stream.
+"""A simulated fleet for `local`: raw readings on the `wildrydes` stream, and what they mean.
 
-Each unicorn is the producer's model (produce/model.py): a minute aggregate is 60 of its
-once-a-second readings, Distance summed, min and max of the points kept. Simulated minutes pass
-faster than real ones (`rate` a second), so a demo fills the table quickly.
+Each unicorn is the producer's model (produce/model.py), one reading a simulated second;
+simulated time runs `speed` times faster than real time, so a demo fills the table quickly.
+Every reading Kinesis accepted is also folded into `expected`: the per-minute aggregates the
+pipeline must end with in the table, computed here the obvious way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from wildrydes_stream.produce.model import NAMES, Unicorn
-from wildrydes_stream.records import status_time_to_epoch_ms
+from wildrydes_stream.produce.model import NAMES, Reading, Unicorn, status_time
 
-__all__ = ["NAMES", "Fleet", "Unicorn"]
+__all__ = ["NAMES", "Expected", "RawFleet", "Unicorn"]
+
+MinuteKey = tuple[str, str]
+"""(Name, StatusTime of the minute's start)."""
 
 
 @dataclass
-class Fleet:
+class Expected:
+    """Per unicorn and minute: Distance summed, min and max of the points."""
+
+    minutes: dict[MinuteKey, dict[str, int]] = field(default_factory=dict)
+    readings: int = 0
+
+    def add(self, reading: Reading) -> None:
+        self.readings += 1
+        start = status_time(reading.status_time.replace(second=0, microsecond=0))
+        window = self.minutes.get((reading.name, start))
+        if window is None:
+            self.minutes[(reading.name, start)] = {
+                "Distance": reading.distance,
+                "MinMagicPoints": reading.magic_points,
+                "MaxMagicPoints": reading.magic_points,
+                "MinHealthPoints": reading.health_points,
+                "MaxHealthPoints": reading.health_points,
+            }
+            return
+        window["Distance"] += reading.distance
+        window["MinMagicPoints"] = min(window["MinMagicPoints"], reading.magic_points)
+        window["MaxMagicPoints"] = max(window["MaxMagicPoints"], reading.magic_points)
+        window["MinHealthPoints"] = min(window["MinHealthPoints"], reading.health_points)
+        window["MaxHealthPoints"] = max(window["MaxHealthPoints"], reading.health_points)
+
+
+@dataclass
+class RawFleet:
     kinesis: Any
     stream: str
     unicorns: int = 6
-    rate: float = 20.0
+    speed: float = 60.0
+    """Simulated seconds per real second."""
     seed: int | None = None
-    produced: set[tuple[str, int]] = field(default_factory=set)
-    """(Name, StatusTime in epoch ms) of every record Kinesis accepted."""
+    expected: Expected = field(default_factory=Expected)
 
     async def run(self, stop: asyncio.Event) -> None:
         rng = random.Random(self.seed)
@@ -37,39 +66,35 @@ class Fleet:
             Unicorn(NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f"-{i}"), rng)
             for i in range(self.unicorns)
         ]
-        minute = datetime.now(UTC).replace(second=0, microsecond=0)
-        period = 1.0 / self.rate
-        next_tick = time.monotonic()
+        start = datetime.now(UTC).replace(microsecond=0)
+        began = time.monotonic()
+        tick = 0
         while not stop.is_set():
-            records = [unicorn.minute(minute) for unicorn in herd]
-            await self._put(records)
-            minute += timedelta(minutes=1)
-            next_tick += period
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, next_tick - time.monotonic()))
-            except TimeoutError:
-                continue
+            at = start + timedelta(seconds=tick)
+            await self._put([unicorn.reading(at) for unicorn in herd])
+            tick += 1
+            due = began + tick / self.speed - time.monotonic()
+            if due > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), due)
+                except TimeoutError:
+                    continue
 
-    async def _put(self, records: list[dict[str, Any]]) -> None:
-        pending = records
-        for attempt in range(10):
+    async def _put(self, readings: list[Reading]) -> None:
+        """PutRecords until every reading is in (the emulator does not throttle, but a busy
+        one may refuse a few entries)."""
+        pending = readings
+        for attempt in range(20):
             response = await self.kinesis.put_records(
                 StreamName=self.stream,
-                Records=[
-                    {
-                        "Data": json.dumps(r, separators=(",", ":")).encode(),
-                        "PartitionKey": r["Name"],
-                    }
-                    for r in pending
-                ],
+                Records=[{"Data": r.encode(), "PartitionKey": r.name} for r in pending],
             )
             failed = []
-            for record, result in zip(pending, response["Records"], strict=True):
+            for reading, result in zip(pending, response["Records"], strict=True):
                 if "ErrorCode" in result:
-                    failed.append(record)
+                    failed.append(reading)
                 else:
-                    epoch = status_time_to_epoch_ms(record["StatusTime"])
-                    self.produced.add((record["Name"], epoch))
+                    self.expected.add(reading)
             if not failed:
                 return
             pending = failed

@@ -1,9 +1,14 @@
-"""`wildrydes-stream local`: emulators, the fleet and the service, all on this machine.
+"""`wildrydes-stream local`: the whole Wild Rydes pipeline on this machine.
 
-Starts kinesalite and dynalite on free loopback ports, creates a stream and the table, runs the
-simulated fleet and the service, and prints a live summary. With `--duration` it stops the fleet
-after that long, waits for the service to write everything, and checks every produced record
-is in the table: exit 0 only if none is missing.
+    simulated unicorns -> wildrydes -> aggregate -> wildrydes-aggregated -> run -> table
+                                                                            \\-> alerts
+
+kinesalite and dynalite on free loopback ports (each in a session of its own, so Ctrl-C drains
+the services before they go), both streams and the table, the fleet putting raw readings, the
+aggregator and the copy with its low-magic alerts posted to a webhook served here and printed
+as they arrive, and a live summary per stage. With `--duration` the fleet stops after that long,
+the stages drain, and every minute of every unicorn must be in the table with the values the
+readings give: exit 0 only then. Ctrl-C (or SIGTERM) does the same early.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.session import get_session
+from prometheus_client import CollectorRegistry
 
+from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.cli import install_signal_handlers
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.local.fleet import Fleet
+from wildrydes_stream.local.fleet import Expected, RawFleet
 from wildrydes_stream.local.summary import Counts, LiveSummary, Stage
-from wildrydes_stream.provision import provision
+from wildrydes_stream.local.webhook import AlertReceiver
+from wildrydes_stream.provision import ensure_stream, ensure_table
 from wildrydes_stream.records import status_time_to_epoch_ms
 from wildrydes_stream.service import Service
 
-SUMMARY_EVERY = 2.0
 DRAIN_TIMEOUT = 120.0
 
 
@@ -35,7 +42,15 @@ class LocalOptions:
     duration: float | None
     shards: int
     unicorns: int
-    rate: float
+    speed: float
+
+
+def local_settings(settings: Settings, alerts_url: str, speed: float) -> Settings:
+    """Settings for a demo: a minute of a ride ends within seconds of its last reading."""
+    return settings.replace(
+        alert_webhook_url=alerts_url,
+        idle_window_timeout_seconds=max(1.0, 120.0 / speed),
+    )
 
 
 async def run_local(settings: Settings, options: LocalOptions) -> int:
@@ -54,92 +69,133 @@ async def run_local(settings: Settings, options: LocalOptions) -> int:
         async with (
             session.create_client("kinesis") as kinesis,
             session.create_client("dynamodb") as dynamodb,
+            AlertReceiver() as alerts,
         ):
-            await provision(kinesis, dynamodb, settings, options.shards)
-            code = await _run(settings, options, kinesis, dynamodb)
+            await ensure_stream(kinesis, settings.raw_stream_name, options.shards)
+            await ensure_stream(kinesis, settings.stream_name, options.shards)
+            await ensure_table(dynamodb, settings)
+            pipeline = local_settings(settings, alerts.url, options.speed)
+            code = await _run(pipeline, options, kinesis, dynamodb, alerts)
     print("emulators stopped")
     return code
 
 
-async def _run(settings: Settings, options: LocalOptions, kinesis: Any, dynamodb: Any) -> int:
-    fleet = Fleet(kinesis, settings.stream_name, options.unicorns, options.rate)
+async def _run(
+    settings: Settings, options: LocalOptions, kinesis: Any, dynamodb: Any, alerts: AlertReceiver
+) -> int:
+    fleet = RawFleet(kinesis, settings.raw_stream_name, options.unicorns, options.speed)
     stop_fleet = asyncio.Event()
-    service = Service(settings)
     install_signal_handlers(stop_fleet.set)
-    async with service:
-        assert service.http is not None
+    # Two services, two registries: each exports its own metrics, as two pods would.
+    aggregator = Aggregator(settings.replace(http_port=0), CollectorRegistry())
+    copy = Service(settings, CollectorRegistry())
+    async with aggregator, copy:
+        assert copy.http is not None
+        assert aggregator.http is not None
         print(
-            f"service up: metrics on http://127.0.0.1:{service.http.port}/metrics; "
+            f"aggregate metrics on http://127.0.0.1:{aggregator.http.port}/metrics, run metrics"
+            f" on http://127.0.0.1:{copy.http.port}/metrics; "
             + (f"running {options.duration:.0f}s" if options.duration else "Ctrl-C stops")
         )
         fleet_task = asyncio.create_task(fleet.run(stop_fleet))
-        live = _live_summary(service, fleet)
+        live = _live_summary(fleet, aggregator, copy, alerts)
         summary = asyncio.create_task(live.run())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_fleet.wait(), options.duration)
         stop_fleet.set()
         await fleet_task
+        print(f"fleet stopped after {fleet.expected.readings} readings; waiting for the stages")
+        complete = await _wait_complete(dynamodb, settings, fleet.expected)
         summary.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await summary
-        print(f"fleet stopped after {len(fleet.produced)} records; waiting for the service")
-        drained = await _wait_written(service, len(fleet.produced))
         live.show()
         live.end()
-    print(f"service stopped ({'drained' if service.drained_in_time else 'not drained'})")
-    missing = await _missing(dynamodb, settings.table_name, fleet.produced)
-    if missing or not drained:
+    print(f"aggregate stopped ({'drained' if aggregator.drained_in_time else 'not drained'})")
+    print(f"run stopped ({'drained' if copy.drained_in_time else 'not drained'})")
+    wrong = await _differences(dynamodb, settings, fleet.expected)
+    minutes = len(fleet.expected.minutes)
+    if wrong or not complete:
         print(
-            f"FAILED: {len(missing)} of {len(fleet.produced)} records missing from "
-            f"{settings.table_name}"
+            f"FAILED: {len(wrong)} of {minutes} unicorn-minutes missing or wrong in "
+            f"{settings.table_name}, e.g. {sorted(wrong)[:3]}"
         )
         return 1
-    print(f"OK: all {len(fleet.produced)} records are in {settings.table_name}")
+    print(
+        f"OK: all {minutes} unicorn-minutes of {fleet.expected.readings} readings are in "
+        f"{settings.table_name} with the right values; {len(alerts.received)} alerts"
+    )
     return 0
 
 
-async def _wait_written(service: Service, produced: int) -> bool:
+async def _wait_complete(dynamodb: Any, settings: Settings, expected: Expected) -> bool:
+    """Until the table holds every expected minute with its values, or the drain times out."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    while service.metrics.snapshot().finished < produced:
+    while await _differences(dynamodb, settings, expected):
         if time.monotonic() > deadline:
             return False
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
     return True
 
 
-def _live_summary(service: Service, fleet: Fleet) -> LiveSummary:
+def _live_summary(
+    fleet: RawFleet, aggregator: Aggregator, copy: Service, alerts: AlertReceiver
+) -> LiveSummary:
+    def value(service: Aggregator | Service, name: str) -> float:
+        registry = service.metrics.registry
+        return sum(
+            sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name == name
+        )
+
     def produced() -> Counts:
-        return {"produced": len(fleet.produced)}
+        return {"readings": fleet.expected.readings}
+
+    def aggregated() -> Counts:
+        return {
+            "read": value(aggregator, "wildrydes_records_read_total"),
+            "windows": value(aggregator, "wildrydes_aggregate_windows_emitted_total"),
+            "open": value(aggregator, "wildrydes_aggregate_windows_open"),
+        }
 
     def copied() -> Counts:
-        now = service.metrics.snapshot()
+        now = copy.metrics.snapshot()
         return {
             "read": now.read,
             "written": now.written,
             "dead-lettered": now.dead_lettered,
-            "queued": now.queued,
             "lag_s": now.max_behind_seconds,
         }
 
+    def alerted() -> Counts:
+        return {"received": len(alerts.received)}
+
     return LiveSummary(
         [
-            Stage("fleet", produced, rated=("produced",)),
-            Stage("copy", copied, rated=("read", "written")),
+            Stage("fleet", produced, rated=("readings",)),
+            Stage("aggregate", aggregated, rated=("read",)),
+            Stage("run", copied, rated=("written",)),
+            Stage("alerts", alerted),
         ]
     )
 
 
-async def _missing(dynamodb: Any, table: str, produced: set[tuple[str, int]]) -> set[Any]:
-    found: set[tuple[str, int]] = set()
+async def _differences(dynamodb: Any, settings: Settings, expected: Expected) -> set[Any]:
+    """Expected unicorn-minutes missing from the table or holding other values."""
+    found: dict[tuple[str, int], dict[str, str]] = {}
     paginator = dynamodb.get_paginator("scan")
-    async for page in paginator.paginate(
-        TableName=table,
-        ConsistentRead=True,
-        ProjectionExpression="#n, StatusTime",
-        ExpressionAttributeNames={"#n": "Name"},
-    ):
+    async for page in paginator.paginate(TableName=settings.table_name, ConsistentRead=True):
         for item in page["Items"]:
             status = item["StatusTime"]
             epoch = int(status["N"]) if "N" in status else status_time_to_epoch_ms(status["S"])
-            found.add((item["Name"]["S"], epoch))
-    return produced - found
+            values = {k: v["N"] for k, v in item.items() if "N" in v and k != "StatusTime"}
+            found[(item["Name"]["S"], epoch)] = values
+    wrong = set()
+    for (name, start), values in expected.minutes.items():
+        key = (name, status_time_to_epoch_ms(start))
+        got = found.get(key)
+        if got is None or any(got.get(field) != str(v) for field, v in values.items()):
+            wrong.add((name, start))
+    return wrong
