@@ -87,11 +87,14 @@ class LeaseTable:
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
         try:
-            await self._client.describe_table(TableName=self.table_name)
-            return
+            described = await self._client.describe_table(TableName=self.table_name)
+            if described["Table"]["TableStatus"] == "ACTIVE":
+                return
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ResourceNotFoundException":
                 raise
+        # Missing, or being created by a replica that started at the same moment (then the
+        # create below says ResourceInUse): either way, wait until it is ACTIVE.
         log.info("creating lease table", extra={"table": self.table_name})
         try:
             await self._client.create_table(
