@@ -25,6 +25,9 @@ from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.retry import error_code
 
 log = logging.getLogger(__name__)
+alert_log = logging.getLogger("wildrydes_stream.alerts.log")
+"""The log destination's own logger, so its lines can be routed or quieted apart from the
+destinations' own troubles (`local` quiets it: it prints the alerts its webhook receives)."""
 
 # The setting behind each destination, named in its log lines and start-up errors.
 SETTING_OF = {
@@ -90,7 +93,7 @@ class LogDestination:
     async def deliver(self, alert: Alert) -> None:
         level = logging.WARNING if alert.state == "firing" else logging.INFO
         what = "low on magic" if alert.state == "firing" else "magic recovered"
-        log.log(level, "unicorn %s: %s", what, alert.name, extra={"alert": alert.body()})
+        alert_log.log(level, "unicorn %s: %s", what, alert.name, extra={"alert": alert.body()})
 
     async def close(self) -> None:
         return None

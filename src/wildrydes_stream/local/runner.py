@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ async def _run(
     settings: Settings, options: LocalOptions, kinesis: Any, dynamodb: Any, alerts: AlertReceiver
 ) -> int:
     fleet = RawFleet(kinesis, settings.raw_stream_name, options.unicorns, options.speed)
+    # The webhook receiver prints every alert: the log destination's copy would repeat it.
+    logging.getLogger("wildrydes_stream.alerts.log").setLevel(logging.ERROR)
     stop_fleet = asyncio.Event()
     install_signal_handlers(stop_fleet.set)
     # Two services, two registries: each exports its own metrics, as two pods would.
