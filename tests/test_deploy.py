@@ -24,7 +24,7 @@ import yaml
 from tests import deploy_support as d
 from tests.helpers import put_records, wait_for
 from wildrydes_stream.cli import build_parser
-from wildrydes_stream.config import ENV_PREFIX, Settings, describe, load_settings
+from wildrydes_stream.config import ENV_PREFIX, Settings, describe, load, load_settings
 from wildrydes_stream.service import FINAL_CHECKPOINT_TIMEOUT, Service
 
 # Oldest Kubernetes version the manifests must still suit, and the newest the schemas know.
@@ -61,21 +61,32 @@ def require(name: str) -> str:
         pytest.fail(str(exc))
 
 
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = d.manifests()["Deployment"]["spec"]["template"]["spec"]
+APPS = (d.COPIER, d.AGGREGATOR)
+# The command each Deployment's container runs.
+COMMANDS = {d.COPIER: "run", d.AGGREGATOR: "aggregate"}
+
+
+def pod_spec(app: str = d.COPIER) -> dict[str, Any]:
+    spec: dict[str, Any] = d.manifests(app)["Deployment"]["spec"]["template"]["spec"]
     return spec
 
 
-def container() -> dict[str, Any]:
-    containers = pod_spec()["containers"]
+def container(app: str = d.COPIER) -> dict[str, Any]:
+    containers = pod_spec(app)["containers"]
     assert len(containers) == 1
     only: dict[str, Any] = containers[0]
     return only
 
 
-def configmap_settings() -> Settings:
-    data = d.manifests()["ConfigMap"]["data"]
-    return load_settings(None, {key: d.substitute(value) for key, value in data.items()})
+def configmap_environ(app: str = d.COPIER) -> dict[str, str]:
+    data = d.manifests(app)["ConfigMap"]["data"]
+    return {key: d.substitute(value) for key, value in data.items()}
+
+
+def configmap_settings(app: str = d.COPIER) -> Settings:
+    """The settings the pod starts with: WILDRYDES_STRICT=1 makes a warning fatal."""
+    environ = configmap_environ(app)
+    return load(None, environ, strict=environ.get("WILDRYDES_STRICT") == "1").settings
 
 
 def promtool_ok(args: list[str], *, stdin: str | None = None) -> str:
@@ -178,6 +189,18 @@ def test_kustomization_lists_every_manifest() -> None:
         "PodMonitor",
         "PrometheusRule",
     }
+    assert set(d.manifests(d.AGGREGATOR)) >= {
+        "Deployment",
+        "ServiceAccount",
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "PodMonitor",
+    }
+    # Every resource but the Namespace belongs to one application: named and labelled after it.
+    for (kind, name), doc in d.resources().items():
+        if kind != "Namespace":
+            assert name in APPS, f"{kind}/{name}"
+            assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == name, f"{kind}/{name}"
 
 
 def rendered() -> list[dict[str, Any]]:
@@ -207,11 +230,15 @@ def test_rendered_manifests_validate_strictly_against_the_kubernetes_schema(vers
         except kubernetes_validate.utils.SchemaNotFoundError as exc:
             pytest.fail(f"{what}: {exc.message}")
     # The image is the one kustomization.yaml's `images` names.
+    # Both Deployments run the same image: the one kustomization.yaml's `images` names.
     image = d.kustomization()["images"][0]
-    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
-    rendered_image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert rendered_image == f"{image['newName']}:{image['newTag']}"
-    assert container()["image"].split(":")[0] == image["name"]
+    deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
+    assert set(deployments) == set(APPS)
+    for deployment in deployments.values():
+        rendered_image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert rendered_image == f"{image['newName']}:{image['newTag']}"
+    for app in APPS:
+        assert container(app)["image"].split(":")[0] == image["name"]
     # Unresolvable until the user sets a registry: never a public image by accident.
     assert image["newName"].startswith("REGISTRY/")
 
@@ -329,11 +356,13 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
 
 def test_prometheus_operator_resources() -> None:
     manifests = d.manifests()
-    for kind, schema in CRD_SCHEMAS.items():
+    for (kind, name), doc in d.resources().items():
+        if kind not in CRD_SCHEMAS:
+            continue
         try:
-            jsonschema.Draft202012Validator(schema).validate(manifests[kind])
+            jsonschema.Draft202012Validator(CRD_SCHEMAS[kind]).validate(doc)
         except jsonschema.ValidationError as exc:
-            pytest.fail(f"{kind}: {'.'.join(map(str, exc.path))}: {exc.message}")
+            pytest.fail(f"{kind}/{name}: {'.'.join(map(str, exc.path))}: {exc.message}")
     # The PodMonitor scrapes the Deployment's pods on their metrics port, and its job label
     # (from jobLabel) is the job the alerts select.
     monitor = manifests["PodMonitor"]["spec"]
@@ -353,12 +382,13 @@ def test_prometheus_operator_resources() -> None:
         assert d.label_values(rule["expr"], "namespace") <= {namespace}, rule["alert"]
 
 
-def test_deployment_is_restricted_probed_and_outlives_the_drain() -> None:
-    manifests = d.manifests()
+@pytest.mark.parametrize("app", APPS)
+def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> None:
+    manifests = d.manifests(app)
     deployment = manifests["Deployment"]
-    spec = pod_spec()
-    main = container()
-    settings = configmap_settings()
+    spec = pod_spec(app)
+    main = container(app)
+    settings = configmap_settings(app)
 
     assert deployment["spec"]["replicas"] >= 2
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -414,6 +444,16 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain() -> None:
     }
     assert str(Path(settings.deadletter_file).parent) in mounts
 
+    # The same user as the image's, and the image's command (or, for the aggregator, the
+    # image's interpreter and module with its own subcommand, replacing the entrypoint).
+    assert pod_security["runAsUser"] == pod_spec()["securityContext"]["runAsUser"]
+    assert "args" not in main, "args would be appended to the entrypoint's `run`"
+    command = main.get("command", ["python", "-m", "wildrydes_stream", "run"])
+    assert command[:3] == ["python", "-m", "wildrydes_stream"]
+    assert build_parser().parse_args(command[3:]).command == COMMANDS[app]
+    if app == d.COPIER:
+        assert "command" not in main, "the copier runs the image's entrypoint"
+
 
 def test_service_and_disruption_budget_select_the_pods() -> None:
     manifests = d.manifests()
@@ -432,8 +472,9 @@ def test_service_and_disruption_budget_select_the_pods() -> None:
         assert 0 < budget["minAvailable"] < replicas
 
 
-def test_configmap_holds_valid_settings_and_known_variables_only() -> None:
-    data = d.manifests()["ConfigMap"]["data"]
+@pytest.mark.parametrize("app", APPS)
+def test_configmap_holds_valid_settings_and_known_variables_only(app: str) -> None:
+    data = d.manifests(app)["ConfigMap"]["data"]
     known = {name for _, names, _, _ in describe() for name in names.split(" / ")}
     # A typo in the ConfigMap must stop the pod, not silently mean the default.
     assert data.get("WILDRYDES_STRICT") == "1"
@@ -444,7 +485,7 @@ def test_configmap_holds_valid_settings_and_known_variables_only() -> None:
             assert key in known, f"{key} is not a setting"
         else:
             assert key in {"AWS_REGION", "AWS_DEFAULT_REGION"}, key
-    settings = configmap_settings()  # validates, as the service does at start
+    settings = configmap_settings(app)  # validates, as the service does at start
     assert settings.deadletter_queue_url, "dead letters must outlive the pod: an SQS queue"
     assert settings.status_time_format == Settings().status_time_format
 
