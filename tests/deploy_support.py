@@ -89,13 +89,30 @@ def kustomization() -> dict[str, Any]:
     return docs[0]
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """The resources of the kustomization by kind (one of each kind here), as written."""
+# The two applications of the kustomization: each names its resources after itself.
+COPIER = "wildrydes-stream"  # `run`
+AGGREGATOR = "wildrydes-aggregate"  # `aggregate`
+
+
+def resources() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every resource of the kustomization by (kind, name), as written."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in kustomization()["resources"]:
+        for doc in yaml_documents(KUBERNETES / path):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in found, f"two {key[0]} resources named {key[1]}"
+            found[key] = doc
+    return found
+
+
+def manifests(app: str = COPIER) -> dict[str, dict[str, Any]]:
+    """One application's resources by kind (those named after it), with the Namespace both
+    share."""
     by_kind: dict[str, dict[str, Any]] = {}
-    for name in kustomization()["resources"]:
-        for doc in yaml_documents(KUBERNETES / name):
-            assert doc["kind"] not in by_kind, f"two {doc['kind']} resources"
-            by_kind[doc["kind"]] = doc
+    for (kind, name), doc in resources().items():
+        if name == app or kind == "Namespace":
+            assert kind not in by_kind, f"two {kind} resources of {app}"
+            by_kind[kind] = doc
     return by_kind
 
 
