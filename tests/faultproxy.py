@@ -123,6 +123,9 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         """Errors and partial BatchWriteItem answers given, by operation."""
         self.unprocessed_returned = 0
+        self.item_writes: Counter[tuple[str, str]] = Counter()
+        """Items DynamoDB accepted through the proxy, by (Name, StatusTime): above 1 is a
+        duplicate write."""
         """Write requests handed back in UnprocessedItems by the proxy."""
         self.compress_large = False
         """Answer like DynamoDB: gzip bodies over 1 KiB when the client accepts gzip, with
@@ -250,7 +253,25 @@ class FaultProxy:
             self.injected[operation] += 1
             return await self._partial_batch_write(request, body, rule.forward)
         status, headers, payload = await self._forward(request, body)
+        if operation == "BatchWriteItem" and status == 200:
+            self._record_writes(body, payload)
         return web.Response(status=status, headers=headers, body=payload)
+
+    def _record_writes(self, body: bytes, payload: bytes) -> None:
+        """Count every item DynamoDB took, by key, to find the same item written twice."""
+        unprocessed = json.loads(payload).get("UnprocessedItems", {})
+        left = {
+            json.dumps(w["PutRequest"]["Item"], sort_keys=True)
+            for writes in unprocessed.values()
+            for w in writes
+        }
+        for writes in json.loads(body)["RequestItems"].values():
+            for write in writes:
+                item = write["PutRequest"]["Item"]
+                if json.dumps(item, sort_keys=True) not in left:
+                    status_time = item["StatusTime"]
+                    key = (item["Name"]["S"], status_time.get("N") or status_time.get("S"))
+                    self.item_writes[key] += 1
 
     async def _forward(
         self, request: web.Request, body: bytes
