@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: setup local test lint bench outage provision clean
+.PHONY: setup local test lint bench outage replicas provision clean
 
 setup: $(PY_STAMP) $(NODE_STAMP)
 
@@ -52,6 +52,10 @@ bench: setup
 # A 90 s DynamoDB outage under load, on the emulators (README "When AWS fails").
 outage: setup
 	$(BIN)/python -m bench.outage $(ARGS)
+
+# Replicas sharing a stream: duplicate writes and pickup time per phase (README "Architecture").
+replicas: setup
+	$(BIN)/python -m bench.replicas $(ARGS)
 
 provision: $(PY_STAMP)
 	$(BIN)/python -m wildrydes_stream provision $(ARGS)
