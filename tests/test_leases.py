@@ -218,3 +218,53 @@ async def test_replicas_started_together_spread_evenly_without_taking_from_each_
         {shard for _, shard in starts}
     )
     assert len(starts) == 8
+
+
+async def test_a_rebalance_hands_shards_over_without_writing_anything_twice(
+    resources: Settings,
+    dynamodb_proxy: Any,
+    kinesis: Any,
+    dynamodb: Any,
+    running: list[Service],
+) -> None:
+    from tests.test_faults import make_records
+
+    first = Service(resources.replace(worker_id="first"))
+    running.append(first)
+    await first.start()
+    await wait_for(holds(lambda: first.supervisor is not None and len(first.supervisor.owned) == 4))
+    records = make_records(1200)
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        for start in range(0, len(records), 40):
+            await put_records(kinesis, resources.stream_name, records[start : start + 40])
+            if stop.is_set():
+                return
+            await asyncio.sleep(0.05)  # a steady producer, not a wait for a result
+
+    producer = asyncio.create_task(produce())
+    await wait_for(holds(lambda: first.metrics.snapshot().written >= 200))
+    second = Service(resources.replace(worker_id="second"))
+    running.append(second)
+    await second.start()
+
+    def spread() -> list[int]:
+        return sorted(len(s.supervisor.owned) for s in (first, second) if s.supervisor)
+
+    await wait_for(holds(lambda: spread() == [2, 2]), timeout=20)
+    await producer
+    await wait_for(
+        holds(
+            lambda: (
+                first.metrics.snapshot().written + second.metrics.snapshot().written >= len(records)
+            )
+        ),
+        timeout=30,
+    )
+    assert first.supervisor is not None
+    handed = [shard for event, shard in first.supervisor.history if event == "handed over"]
+    assert len(handed) == 2
+    # Counted at the DynamoDB endpoint: every item exactly once, through the hand-offs.
+    assert len(dynamodb_proxy.item_writes) == len(records)
+    assert max(dynamodb_proxy.item_writes.values()) == 1

@@ -204,6 +204,13 @@ class Settings:
         minimum=0.1,
         maximum=3600.0,
     )
+    handoff_timeout_seconds: float = _setting(
+        30.0,
+        "A lease handed over (KCL 3's checkpointOwner) is read by its new owner once the old "
+        "one has checkpointed, or after this long if it never does.",
+        minimum=0.1,
+        maximum=3600.0,
+    )
     checkpoint_interval_seconds: float = _setting(
         5.0, "How often finished progress is checkpointed.", minimum=0.05, maximum=3600.0
     )

@@ -54,6 +54,9 @@ class OwnedShard:
     checkpointed_at: float = field(default_factory=time.monotonic)
     watchdog: asyncio.TimerHandle | None = None
     """Fires when the lease has gone lease_duration_seconds without a confirmed write."""
+    handing_off: bool = False
+    """Handing the lease to another worker (KCL 3's checkpointOwner protocol)."""
+    hand_off: asyncio.Task[None] | None = None
 
     @property
     def shard_id(self) -> str:
@@ -108,6 +111,8 @@ class ShardSupervisor:
         self.owned: dict[str, OwnedShard] = {}
         self._shards: list[Shard] = []
         self._assigning = asyncio.Lock()
+        self._hand_offs: dict[str, float] = {}
+        """Shards being handed to this worker: since when (our clock)."""
         self.synced = asyncio.Event()
         """Set after the first discovery: every readable shard has a poller."""
         self._seen: dict[str, tuple[int, float]] = {}
@@ -163,6 +168,8 @@ class ShardSupervisor:
         leases = await self._leases.all()
         for known in leases.values():
             self._note(known)
+            if known.checkpoint_owner is None:
+                self._hand_offs.pop(known.shard_id, None)
         self._drop_taken(held, leases)
         started: list[str] = []
         finished = {shard_id for shard_id, lease in leases.items() if lease.at_shard_end}
@@ -223,10 +230,14 @@ class ShardSupervisor:
     def _drop_taken(self, held: dict[str, OwnedShard], scanned: dict[str, Lease]) -> None:
         """Shards held before the scan whose lease now names another owner (or none) were
         taken: stop them now rather than at the next renewal."""
+        me = self._leases.owner
         for shard_id, owned in held.items():
             lease = scanned.get(shard_id)
-            if lease is not None and lease.owner != self._leases.owner:
-                self._drop(owned, TAKEN)
+            if lease is not None and lease.owner != me:
+                if lease.checkpoint_owner == me:
+                    self._begin_hand_off(owned)
+                else:
+                    self._drop(owned, TAKEN)
 
     async def _forget_trimmed(self, shard_ids: set[str]) -> None:
         """Delete the leases of finished shards Kinesis no longer lists (trimmed after the
@@ -247,22 +258,20 @@ class ShardSupervisor:
             dataclasses.replace(lease, owner=me) if lease.shard_id in self.owned else lease
             for lease in candidates
         ]
+        # Leases already in a hand-off are spoken for.
+        current = [lease for lease in current if lease.checkpoint_owner is None]
         victim = lease_to_steal(current, me, self._expired)
         if victim is None:
             return None
-        owner, counter = victim.owner, victim.counter
-
-        def unchanged(current: Lease) -> bool:
-            return current.owner == owner and current.counter == counter
-
-        lease = await self._leases.acquire(
-            victim.shard_id, victim.parents, victim.checkpoint, unchanged
-        )
-        if lease is None or lease.at_shard_end:
+        requested = await self._leases.hand_over(victim)
+        if requested is None:
             return None
-        log.info("took lease to balance", extra={"shard": lease.shard_id, "from": owner})
-        self._start(lease)
-        return lease.shard_id
+        # The owner hands it over at its next look (it finishes what it read, checkpoints
+        # exactly there, clears checkpointOwner); the lease is read here from then on.
+        log.info(
+            "asked for a lease to balance", extra={"shard": victim.shard_id, "from": victim.owner}
+        )
+        return None
 
     def _is_live(self, lease: Lease) -> bool:
         """Held by this worker or by one still renewing it."""
@@ -291,6 +300,8 @@ class ShardSupervisor:
         Expiry is judged as KCL does, by our own clock: the owner renews by moving the counter,
         so a counter that has not moved for lease_duration_seconds means the owner is gone.
         """
+        if lease.checkpoint_owner is not None and not self._hand_off_over(lease):
+            return False  # its previous owner is still finishing: nobody reads it yet
         if lease.owner is None or lease.owner == self._leases.owner:
             return True
         self._note(lease)
@@ -302,6 +313,18 @@ class ShardSupervisor:
             )
         return expired
 
+    def _hand_off_over(self, lease: Lease) -> bool:
+        """A hand-off is given up on after handoff_timeout_seconds (KCL's 30 s): the old
+        owner died or hung; the new one reads from the last checkpoint."""
+        began = self._hand_offs.setdefault(lease.shard_id, time.monotonic())
+        over = time.monotonic() - began >= self._settings.handoff_timeout_seconds
+        if over:
+            log.warning(
+                "hand-off not finished in time, taking the lease",
+                extra={"shard": lease.shard_id, "previous_owner": lease.checkpoint_owner},
+            )
+        return over
+
     async def renew_all(self) -> None:
         """Show the owned leases are alive, all at once and each call bounded, so one hung
         call holds up neither the others nor the next round; drop the shards whose lease was
@@ -310,15 +333,65 @@ class ShardSupervisor:
         await asyncio.gather(*(self._renew(one) for one in owned))
 
     async def _renew(self, owned: OwnedShard) -> None:
-        if self.owned.get(owned.shard_id) is not owned:
+        if self.owned.get(owned.shard_id) is not owned or owned.handing_off:
             return
         try:
             async with asyncio.timeout(self._settings.lease_duration_seconds / 3):
                 await self._leases.renew(owned.lease)
         except LeaseLostError:
-            self._drop(owned, TAKEN)
+            await self._lost(owned)
         except Exception as exc:  # the write goes on, shielded; the watchdog keeps the time
             self._retry_log.failed("lease renewal", exc, shard=owned.shard_id)
+
+    async def _lost(self, owned: OwnedShard) -> None:
+        """Our write was refused: a hand-off asked of us, or the lease taken."""
+        lease = await self._leases.get(owned.shard_id)
+        if lease is not None and lease.checkpoint_owner == self._leases.owner:
+            self._begin_hand_off(owned)
+        else:
+            self._drop(owned, TAKEN)
+
+    def _begin_hand_off(self, owned: OwnedShard) -> None:
+        if owned.handing_off or owned.progress.fenced:
+            return
+        owned.handing_off = True
+        if owned.watchdog is not None:
+            owned.watchdog.cancel()
+        log.info("handing shard over", extra={"shard": owned.shard_id})
+        owned.hand_off = asyncio.create_task(
+            self._hand_off(owned), name=f"hand-off-{owned.shard_id}"
+        )
+
+    async def _hand_off(self, owned: OwnedShard) -> None:
+        """Stop reading, let what was read be written, checkpoint exactly there and clear
+        checkpointOwner: the new owner starts right after it, so nothing is written twice.
+        Bounded: past half the lease duration the tenure is dropped instead (the new owner
+        then takes the lease after handoff_timeout_seconds, from the last checkpoint)."""
+        owned.poller.halt()
+        try:
+            async with asyncio.timeout(self._settings.lease_duration_seconds / 2):
+                if owned.task is not None:
+                    await asyncio.shield(owned.task)
+                await owned.progress.drained.wait()
+                done = owned.progress.checkpoint
+                value = str(done) if done is not None else owned.lease.checkpoint
+                state = self._snapshot(owned, done) if done is not None else owned.lease.state
+                await self._leases.checkpoint_handed(owned.lease, value, state)
+        except (TimeoutError, LeaseLostError, asyncio.CancelledError) as exc:
+            self._drop(owned, f"hand-off not finished ({type(exc).__name__})")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        except Exception as exc:
+            self._retry_log.failed("hand-off", exc, shard=owned.shard_id)
+            self._drop(owned, "hand-off failed")
+            return
+        self.history.append(("handed over", owned.shard_id))
+        owned.progress.fence()  # nothing of this tenure counts any more
+        self._forget(owned)
+        self._let_go(owned)
+        log.info("handed shard over", extra={"shard": owned.shard_id})
+        self._wake.set()
 
     def _watch(self, owned: OwnedShard) -> None:
         """Arm the watchdog for lease_duration_seconds after the last confirmed write: other
@@ -330,6 +403,8 @@ class ShardSupervisor:
     def _expire(self, owned: OwnedShard) -> None:
         if self.owned.get(owned.shard_id) is not owned:
             return
+        if owned.handing_off:
+            return  # the hand-off is bounded by itself
         if owned.lease.confirmed_at + self._settings.lease_duration_seconds > time.monotonic():
             self._watch(owned)  # renewed since the watchdog was armed
             return
@@ -456,6 +531,8 @@ class ShardSupervisor:
     async def checkpoint_all(self) -> None:
         """Store each owned shard's finished prefix where it moved since the last checkpoint."""
         for owned in list(self.owned.values()):
+            if owned.handing_off:
+                continue  # its last checkpoint is the hand-off's
             done = owned.progress.checkpoint
             if done is None or owned.lease.checkpoint == str(done):
                 continue
@@ -464,7 +541,7 @@ class ShardSupervisor:
             try:
                 await self._checkpoint(owned, str(done), self._snapshot(owned, done))
             except LeaseLostError:
-                self._drop(owned, TAKEN)
+                await self._lost(owned)
 
     async def wait_shard_tasks(self) -> None:
         tasks = [o.task for o in list(self.owned.values()) if o.task is not None]

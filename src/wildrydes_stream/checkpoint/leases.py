@@ -14,6 +14,7 @@ new LATEST, which would skip whatever arrived while the lease moved.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,9 @@ class Lease:
     """`startingTimestamp`: where a LATEST or AT_TIMESTAMP checkpoint starts (epoch ms)."""
     starting_inherited: bool = False
     """`starting_ms` was recorded by an earlier tenure (not by this take or create)."""
+    checkpoint_owner: str | None = None
+    """`checkpointOwner` (KCL 3): the previous owner still finishing a hand-off to `owner`;
+    nobody else reads the shard until it has checkpointed and cleared it."""
     children: tuple[str, ...] = ()
     """`childShardIds`, once the shard is finished and its children are known."""
     subsequence: int = 0
@@ -219,6 +223,7 @@ class LeaseTable:
         A lease still at LATEST or AT_TIMESTAMP gets its starting moment now if it has none
         (created by KCL or an older version): from here on, nobody skips what arrives."""
         switches = lease.owner_switches + (0 if lease.owner == self.owner else 1)
+        # A take ends any hand-off still pending on the lease (KCL 3 clears it on take too).
         expression = (
             "SET leaseOwner = :me, leaseCounter = :next, ownerSwitchesSinceCheckpoint = :switches"
         )
@@ -239,10 +244,11 @@ class LeaseTable:
         await self._client.update_item(
             TableName=self.table_name,
             Key={"leaseKey": {"S": lease.shard_id}},
-            UpdateExpression=expression,
+            UpdateExpression=expression + " REMOVE checkpointOwner",
             ConditionExpression="leaseCounter = :seen",
             ExpressionAttributeValues=values,
         )
+        lease.checkpoint_owner = None
         # The condition held, so the table still had what we read: a starting moment read
         # with the lease was recorded by an earlier tenure.
         lease.starting_inherited = lease.starting_ms is not None
@@ -250,6 +256,67 @@ class LeaseTable:
         lease.owner, lease.counter, lease.owner_switches = self.owner, lease.counter + 1, switches
         lease.confirmed_at = sent
         return lease
+
+    async def hand_over(self, lease: Lease) -> Lease | None:
+        """Ask the owner of `lease` (as scanned) to hand it to this worker, as KCL 3 does: this
+        worker becomes `leaseOwner` and the old owner `checkpointOwner`, who stops reading,
+        checkpoints exactly what it finished and clears `checkpointOwner`; only then does this
+        worker read. None when the lease moved since it was scanned."""
+        try:
+            await self._client.update_item(
+                TableName=self.table_name,
+                Key={"leaseKey": {"S": lease.shard_id}},
+                UpdateExpression="SET leaseOwner = :me, checkpointOwner = :from, "
+                "leaseCounter = :next",
+                ConditionExpression="leaseOwner = :from AND leaseCounter = :seen "
+                "AND attribute_not_exists(checkpointOwner)",
+                ExpressionAttributeValues={
+                    ":me": {"S": self.owner},
+                    ":from": {"S": lease.owner or ""},
+                    ":next": {"N": str(lease.counter + 1)},
+                    ":seen": {"N": str(lease.counter)},
+                },
+            )
+        except ClientError as exc:
+            if _is_conditional_failure(exc):
+                return None
+            raise
+        return dataclasses.replace(
+            lease, owner=self.owner, checkpoint_owner=lease.owner, counter=lease.counter + 1
+        )
+
+    async def checkpoint_handed(self, lease: Lease, checkpoint: str, state: bytes | None) -> None:
+        """The old owner's last word in a hand-off: its checkpoint (and state), and
+        `checkpointOwner` cleared, conditional on still being the checkpoint owner (the new
+        owner may have moved the counter meanwhile, so the counter is added to, not compared).
+        LeaseLostError when the hand-off was given up on (timed out, taken)."""
+        expression = (
+            "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
+            "ownerSwitchesSinceCheckpoint = :zero"
+        )
+        values: dict[str, Any] = {
+            ":cp": {"S": checkpoint},
+            ":zero": {"N": "0"},
+            ":one": {"N": "1"},
+            ":me": {"S": self.owner},
+        }
+        if state is not None:
+            expression += ", wildrydesState = :state"
+            values[":state"] = {"B": state}
+        try:
+            await self._client.update_item(
+                TableName=self.table_name,
+                Key={"leaseKey": {"S": lease.shard_id}},
+                UpdateExpression=expression + " ADD leaseCounter :one REMOVE checkpointOwner, "
+                "pendingCheckpoint, pendingCheckpointSubSequenceNumber, pendingCheckpointState",
+                ConditionExpression="checkpointOwner = :me",
+                ExpressionAttributeNames={"#cp": "checkpoint"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _is_conditional_failure(exc):
+                raise LeaseLostError(lease.shard_id) from None
+            raise
 
     async def renew(self, lease: Lease) -> None:
         """Move the counter so other workers see the lease is alive; LeaseLostError if lost.
@@ -395,5 +462,6 @@ def _from_item(item: dict[str, Any]) -> Lease:
         starting_ms=int(starting) if starting is not None else None,
         subsequence=int(item.get("checkpointSubSequenceNumber", {}).get("N", "0")),
         children=tuple(sorted(item.get("childShardIds", {}).get("SS", []))),
+        checkpoint_owner=item.get("checkpointOwner", {}).get("S"),
         state=item.get("wildrydesState", {}).get("B"),
     )

@@ -31,7 +31,7 @@ from wildrydes_stream.retry import (
     error_code,
     fault_of,
 )
-from wildrydes_stream.waiting import wait_any, wait_or_timeout
+from wildrydes_stream.waiting import wait_any, wait_any_or_timeout, wait_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class ShardPoller:
         """Average bytes a record of this shard, from the pages read (for the byte bound)."""
         self._last_read: str | None = None
         self._since: datetime | None = None
+        self._halted = asyncio.Event()
         self.caught_up = asyncio.Event()
         """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
 
@@ -130,9 +131,9 @@ class ShardPoller:
         last_call = 0.0
         attempt = 0
         # A fenced tenure (lease lost) reads nothing more: the shard's new owner reads it.
-        while iterator is not None and not self._stopping.is_set() and not self._progress.fenced:
+        while iterator is not None and not self._quitting() and not self._progress.fenced:
             pause = self._settings.min_poll_interval_seconds - (time.monotonic() - last_call)
-            if await wait_or_timeout(self._stopping, pause):
+            if await wait_any_or_timeout((self._stopping, self._halted), pause):
                 break
             limit = await self._room_for_a_page()
             if limit == 0:
@@ -171,19 +172,28 @@ class ShardPoller:
                 continue
             if not records:
                 self.caught_up.set()
-            if await wait_or_timeout(self._stopping, self._settings.idle_poll_interval_seconds):
+            idle = self._settings.idle_poll_interval_seconds
+            if await wait_any_or_timeout((self._stopping, self._halted), idle):
                 break
         if iterator is None:
             log.info("shard read to its end", extra={"shard": self.shard_id})
             self._progress.end()
             self.caught_up.set()
 
+    def _quitting(self) -> bool:
+        return self._stopping.is_set() or self._halted.is_set()
+
+    def halt(self) -> None:
+        """Read no more (the lease is being handed over): the page being dispatched is
+        finished, then the loop ends without ending the shard."""
+        self._halted.set()
+
     async def _room_for_a_page(self) -> int:
         """The Limit of the next GetRecords: as many records as fit in the byte bound, after
         waiting while nothing does; 0 when stopping."""
         budget = self._budget
-        await wait_any(budget.room, self._stopping)
-        if self._stopping.is_set():
+        await wait_any(budget.room, self._stopping, self._halted)
+        if self._quitting():
             return 0
         return budget.limit_for(self._record_size, self._settings.get_records_limit)
 
