@@ -111,6 +111,8 @@ class ShardSupervisor:
         self.owned: dict[str, OwnedShard] = {}
         self._shards: list[Shard] = []
         self._assigning = asyncio.Lock()
+        self._renewing: set[str] = set()
+        """Workers whose lease counters were seen to move: known to be alive."""
         self._hand_offs: dict[str, float] = {}
         """Shards being handed to this worker: since when (our clock)."""
         self.synced = asyncio.Event()
@@ -260,7 +262,14 @@ class ShardSupervisor:
         ]
         # Leases already in a hand-off are spoken for.
         current = [lease for lease in current if lease.checkpoint_owner is None]
-        victim = lease_to_steal(current, me, self._expired)
+
+        # A hand-off is asked only of a worker seen renewing: a dead one would never answer,
+        # and its leases become free once they expire anyway.
+        def gone(lease: Lease) -> bool:
+            owner = lease.owner
+            return self._expired(lease) or (owner != me and owner not in self._renewing)
+
+        victim = lease_to_steal(current, me, gone)
         if victim is None:
             return None
         requested = await self._leases.hand_over(victim)
@@ -292,6 +301,8 @@ class ShardSupervisor:
     def _note(self, lease: Lease) -> None:
         seen = self._seen.get(lease.shard_id)
         if seen is None or seen[0] != lease.counter:
+            if seen is not None and lease.owner:
+                self._renewing.add(lease.owner)  # its counter moved under our eyes
             self._seen[lease.shard_id] = (lease.counter, time.monotonic())
 
     def _takeable(self, lease: Lease) -> bool:
