@@ -91,7 +91,9 @@ def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Item
         raise RecordError(f"cannot be decoded: {type(exc).__name__}: {exc}"[:500]) from None
 
 
-def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
+def decode_body(data: bytes) -> tuple[dict[str, Any], str, str]:
+    """A record's JSON object (floats as Decimal, exactly), with its Name and StatusTime
+    checked to be there as strings; RecordError saying what is wrong otherwise."""
     try:
         body = _JSON.decode(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -106,6 +108,11 @@ def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Ite
     status_time = body.get("StatusTime")
     if not isinstance(status_time, str):
         raise RecordError("StatusTime is missing or not a string")
+    return body, name, status_time
+
+
+def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
+    body, name, status_time = decode_body(data)
     epoch_ms = _epoch_ms_cached(status_time)
     item: Item = {"Name": {"S": name}}
     if status_time_format == "epoch_ms":

@@ -7,15 +7,12 @@ exact sum stays cheap (a reading of 1e999999 metres is that record's fault, not 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
 from wildrydes_stream.errors import RecordError
-from wildrydes_stream.records import ItemKey, status_time_to_epoch_ms
-
-_JSON: Final = json.JSONDecoder(parse_float=Decimal)
+from wildrydes_stream.records import ItemKey, decode_body, status_time_to_epoch_ms
 
 # Adjusted exponents a measurement may have: ample for metres and points, and it keeps every
 # sum of them exact within the aggregation's decimal context (aggregate/windows.py).
@@ -47,20 +44,7 @@ def decode_reading(data: bytes) -> tuple[ItemKey, Reading]:
 
 
 def _decode(data: bytes) -> tuple[Reading, str]:
-    try:
-        body = _JSON.decode(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"not JSON (not UTF-8): {exc}") from None
-    except ValueError as exc:
-        raise RecordError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RecordError(f"expected a JSON object, got {type(body).__name__}")
-    name = body.get("Name")
-    if not isinstance(name, str) or not name:
-        raise RecordError("Name is missing or not a non-empty string")
-    status_time = body.get("StatusTime")
-    if not isinstance(status_time, str):
-        raise RecordError("StatusTime is missing or not a string")
+    body, name, status_time = decode_body(data)
     time_ms = status_time_to_epoch_ms(status_time)
     reading = Reading(
         name,
