@@ -14,7 +14,6 @@ and counted, and holds up the table writes of other records only once that queue
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 from wildrydes_stream.alerts.destinations import SETTING_OF, Alert, Destination
 from wildrydes_stream.alerts.metrics import AlertMetrics
 from wildrydes_stream.alerts.state import UnicornStates
+from wildrydes_stream.background import BackgroundTasks
 from wildrydes_stream.config import Settings
 from wildrydes_stream.records import Envelope, Tenure, status_time_to_epoch_ms
 from wildrydes_stream.retry import backoff_delay, error_code
@@ -75,10 +75,9 @@ class AlertStage:
         self._destinations = destinations
         self._metrics = metrics
         self._settings = settings
-        self._on_failure = on_failure
         self._epoch_ms = settings.status_time_format == "epoch_ms"
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.alert_queue_size)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = BackgroundTasks(on_failure)
         self._last_logged: dict[str, float] = {}
         states.on_forget = metrics.forget_shard
         metrics.queued.set_function(self._queue.qsize)
@@ -110,23 +109,14 @@ class AlertStage:
         await self._queue.put(_Pending(alert, tenure, sequence))
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="alert-delivery")
-            self._task.add_done_callback(self._check)
-
-    def _check(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._on_failure(task.exception())  # type: ignore[arg-type]
+        if not self._tasks.started:
+            self._tasks.spawn(self._run(), "alert-delivery")
 
     async def drain(self) -> None:
         await self._queue.join()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
         for destination in self._destinations:
             await destination.close()
 

@@ -16,13 +16,13 @@ cap the user set (`max_retry_attempts`, `max_record_age_seconds`) is passed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+from wildrydes_stream.background import BackgroundTasks
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.config import Settings
 from wildrydes_stream.observability.health import BlockedCalls
@@ -58,7 +58,6 @@ class WriterPool:
         blocked: BlockedCalls | None = None,
         budget: ByteBudget | None = None,
     ) -> None:
-        self._on_failure = on_failure
         per_writer = max(1, settings.queue_size // settings.writers)
         self._queues: list[asyncio.Queue[Envelope]] = [
             asyncio.Queue(per_writer) for _ in range(settings.writers)
@@ -76,7 +75,7 @@ class WriterPool:
             budget,
         )
         self._writers = [BatchWriter(queue, shared) for queue in self._queues]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = BackgroundTasks(on_failure)
         metrics.queue_capacity.set(per_writer * settings.writers)
         metrics.queue_depth.set_function(self.depth)
         metrics.write_concurrency_limit.set_function(lambda: int(self.concurrency.limit))
@@ -90,29 +89,16 @@ class WriterPool:
         await self._queues[hash(envelope.key) % len(self._queues)].put(envelope)
 
     def start(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(writer.run(), name=f"writer-{i}")
-                for i, writer in enumerate(self._writers)
-            ]
-            for task in self._tasks:
-                task.add_done_callback(self._check)
-
-    def _check(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._on_failure(task.exception())  # type: ignore[arg-type]
+        if not self._tasks.started:
+            for i, writer in enumerate(self._writers):
+                self._tasks.spawn(writer.run(), f"writer-{i}")
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written or dead-lettered."""
         await asyncio.gather(*(queue.join() for queue in self._queues))
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
 
 
 class _Shared:

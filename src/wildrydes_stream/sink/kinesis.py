@@ -16,7 +16,6 @@ land in the order they were made.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from wildrydes_stream.background import BackgroundTasks
 from wildrydes_stream.config import Settings
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
@@ -93,7 +93,6 @@ class StreamWriter:
         self._deadletters = deadletters
         self._metrics = metrics
         self._blocked = blocked
-        self._on_failure = on_failure
         self._on_put = on_put
         self._queue: deque[StreamRecord] = deque()
         self._bound = settings.queue_size
@@ -104,7 +103,7 @@ class StreamWriter:
         self._idle = asyncio.Event()
         """Set while nothing is queued or in flight."""
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = BackgroundTasks(on_failure)
         metrics.blocked.labels(API).set(0)
         metrics.throttles.labels(API)
         metrics.errors.labels(API)
@@ -128,24 +127,15 @@ class StreamWriter:
             self._room.clear()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="stream-writer")
-            self._task.add_done_callback(self._check)
-
-    def _check(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._on_failure(task.exception())  # type: ignore[arg-type]
+        if not self._tasks.started:
+            self._tasks.spawn(self._run(), "stream-writer")
 
     async def drain(self) -> None:
         """Until everything queued so far is put or dead-lettered."""
         await self._idle.wait()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
 
     async def _run(self) -> None:
         while True:
