@@ -17,27 +17,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from aiobotocore.session import get_session
 from tests.faultproxy import DYNAMODB_UNAVAILABLE, FaultProxy
-from tests.process import ServiceProcess, service_env
+from tests.process import ServiceProcess
 from tests.test_process import metric_total
 
+from bench.emulated import emulated
 from wildrydes_stream.config import Settings
-from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.provision import ensure_stream, ensure_table
 
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "drill",
-    "AWS_SECRET_ACCESS_KEY": "drill",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 UNICORNS = 60
 
 
@@ -110,49 +101,15 @@ class Drill:
         return metric_total(text, "wildrydes_records_written_total")
 
     async def run(self) -> int:
-        args = self.args
-        os.environ.update(CREDENTIALS)
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            Emulator.start("kinesalite") as kinesis_emulator,
-            Emulator.start("dynalite") as dynamodb_emulator,
-        ):
-            settings = Settings(
-                stream_name="wildrydes-aggregated",
-                table_name="UnicornSensorData",
-                worker_id="drill",
-                http_host="127.0.0.1",
-                http_port=0,
-                deadletter_file=str(Path(tmp) / "deadletter.jsonl"),
-            )
-            proxy = FaultProxy(dynamodb_emulator.endpoint)
-            await proxy.start()
-            session = get_session()
-            endpoints = {
-                "AWS_ENDPOINT_URL_KINESIS": kinesis_emulator.endpoint,
-                "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_emulator.endpoint,
-            }
-            async with (
-                session.create_client(
-                    "kinesis", region_name="us-east-1", endpoint_url=kinesis_emulator.endpoint
-                ) as kinesis,
-                session.create_client(
-                    "dynamodb", region_name="us-east-1", endpoint_url=dynamodb_emulator.endpoint
-                ) as dynamodb,
-            ):
-                await ensure_stream(kinesis, settings.stream_name, args.shards)
-                await ensure_table(dynamodb, settings)
-                env = service_env(
-                    settings,
-                    {**CREDENTIALS, **endpoints, "AWS_ENDPOINT_URL_DYNAMODB": proxy.endpoint},
+        async with emulated(self.args.shards, worker_id="drill") as where:
+            service = await ServiceProcess.start(where.env, "run")
+            try:
+                await service.started()
+                code = await self.drive(
+                    service, where.kinesis, where.dynamodb, where.proxy, where.settings
                 )
-                service = await ServiceProcess.start(env, "run")
-                try:
-                    await service.started()
-                    code = await self.drive(service, kinesis, dynamodb, proxy, settings)
-                finally:
-                    await service.close()
-                    await proxy.close()
+            finally:
+                await service.close()
         print(json.dumps(self.figures))
         return code
 

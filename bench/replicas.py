@@ -17,24 +17,19 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from aiobotocore.session import get_session
 from tests.faultproxy import FaultProxy
-from tests.process import ServiceProcess, service_env
+from tests.process import ServiceProcess
 from tests.test_process import metric_total
 
-from bench.outage import CREDENTIALS, record
+from bench.emulated import emulated
+from bench.outage import record
 from wildrydes_stream.config import Settings
-from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.provision import ensure_stream, ensure_table
 
 
 class Drill:
@@ -147,45 +142,13 @@ class Drill:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    os.environ.update(CREDENTIALS)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        Emulator.start("kinesalite") as kinesis_emulator,
-        Emulator.start("dynalite") as dynamodb_emulator,
-    ):
-        settings = Settings(
-            http_host="127.0.0.1",
-            http_port=0,
-            deadletter_file=str(Path(tmp) / "deadletter.jsonl"),
-        )
-        proxy = FaultProxy(dynamodb_emulator.endpoint)
-        await proxy.start()
-        session = get_session()
-        async with (
-            session.create_client(
-                "kinesis", region_name="us-east-1", endpoint_url=kinesis_emulator.endpoint
-            ) as kinesis,
-            session.create_client(
-                "dynamodb", region_name="us-east-1", endpoint_url=dynamodb_emulator.endpoint
-            ) as dynamodb,
-        ):
-            await ensure_stream(kinesis, settings.stream_name, args.shards)
-            await ensure_table(dynamodb, settings)
-            env = service_env(
-                settings,
-                {
-                    **CREDENTIALS,
-                    "AWS_ENDPOINT_URL_KINESIS": kinesis_emulator.endpoint,
-                    "AWS_ENDPOINT_URL_DYNAMODB": proxy.endpoint,
-                },
-            )
-            drill = Drill(args, proxy, env)
-            try:
-                await drill.run(kinesis, settings)
-            finally:
-                for child in drill.replicas.values():
-                    await child.close()
-                await proxy.close()
+    async with emulated(args.shards) as where:
+        drill = Drill(args, where.proxy, where.env)
+        try:
+            await drill.run(where.kinesis, where.settings)
+        finally:
+            for child in drill.replicas.values():
+                await child.close()
     print(json.dumps({"replicas": args.replicas, "shards": args.shards, "phases": drill.rows}))
     return 0
 

@@ -210,7 +210,8 @@ class BatchWriter:
         """One BatchWriteItem of the batch's records still owned when the call is made: those
         records, and the keys handed back unprocessed or the error the call failed with."""
         shared = self._shared
-        await shared.units.spend(_write_units(batch))
+        if shared.units.rate > 0:  # the units are counted only when there is a budget
+            await shared.units.spend(_write_units(batch))
         async with shared.concurrency.slot() as window:
             # Checked last thing before sending: the lease may have moved while this waited.
             batch = _unfenced(batch)

@@ -160,9 +160,9 @@ class ShardPoller:
             attempt = 0
             self._blocked.succeeded("GetRecords")
             records = response.get("Records", [])
-            self._hold_page(records, reserved)
+            size = self._hold_page(records, reserved)
             if records:
-                await self._handle(records)
+                await self._handle(records, size)
             behind = int(response.get("MillisBehindLatest", 0))
             self._metrics.behind_latest.labels(self.shard_id).set(behind / 1000)
             iterator = response.get("NextShardIterator")
@@ -197,20 +197,22 @@ class ShardPoller:
             return 0
         return budget.limit_for(self._record_size, self._settings.get_records_limit)
 
-    def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> None:
-        """Swap the page's reservation for its real size, and learn the shard's record size."""
+    def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> int:
+        """Swap the page's reservation for its real size (returned), and learn the shard's
+        record size."""
         size = sum(len(record["Data"]) for record in records)
         self._budget.give_back(reserved)
         self._budget.take(size)
         if records:
             # Weighted towards the latest page, with 1 KiB as the least (small records).
             self._record_size = max(1024.0, 0.5 * self._record_size + 0.5 * size / len(records))
+        return size
 
-    async def _handle(self, records: list[dict[str, Any]]) -> None:
+    async def _handle(self, records: list[dict[str, Any]], size: int) -> None:
         """Register, decode and dispatch a page in order. Bytes of records dispatched are the
         writers' to give back; the rest of the page (bad records, or all that was not reached
         when cancelled) is given back here."""
-        kept = [sum(len(r["Data"]) for r in records)]
+        kept = [size]
         try:
             await self._dispatch_page(records, kept)
         finally:
