@@ -27,6 +27,10 @@ const [kind, options] = [process.argv[1], JSON.parse(process.argv[2])];
 const server = require(kind)(options);
 server.listen(0, '127.0.0.1', () => console.log(server.address().port));
 process.on('SIGTERM', () => server.close(() => process.exit(0)));
+// stdin is a pipe from the Python process that started us: it closes when that process ends,
+// however it ends (a second Ctrl-C, kill -9), and so does the emulator.
+process.stdin.on('end', () => process.exit(0));
+process.stdin.resume();
 """
 
 # Emulated control-plane delays, in ms: real AWS takes seconds, tests want milliseconds.
@@ -89,6 +93,7 @@ class Emulator:
             options["path"] = str(path)
         process = subprocess.Popen(
             [node, "-e", _LAUNCHER, kind, json.dumps(options)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "NODE_PATH": str(modules)},
@@ -107,8 +112,9 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
 
     def __enter__(self) -> Emulator:
         return self
