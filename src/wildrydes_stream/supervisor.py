@@ -200,15 +200,11 @@ class ShardSupervisor:
             parents = [leases[p] for p in shard.parents if p in leases]
             self._start(lease, [p.state for p in parents if p.state is not None])
             started.append(shard.shard_id)
-        # Stealing only once every readable shard has a live owner: while some are free,
-        # taking those is the way to an even spread, and a steal would read one twice.
+        # Balancing only once every readable shard has a live owner: while some are free,
+        # taking those is the way to an even spread.
         claimed = [leases.get(shard.shard_id) for shard in readable]
         if all(lease is not None and self._is_live(lease) for lease in claimed):
-            stolen = await self._steal_one([lease for lease in claimed if lease is not None])
-        else:
-            stolen = None
-        if stolen is not None:
-            started.append(stolen)
+            await self._ask_for_one([lease for lease in claimed if lease is not None])
         self._metrics.shards_owned.set(len(self.owned))
         self.synced.set()
         return started
@@ -250,10 +246,11 @@ class ShardSupervisor:
                 self._seen.pop(shard_id, None)
                 log.info("deleted the lease of a trimmed shard", extra={"shard": shard_id})
 
-    async def _steal_one(self, candidates: list[Lease]) -> str | None:
-        """Take one lease from a worker holding more than its share, if we hold less."""
+    async def _ask_for_one(self, candidates: list[Lease]) -> None:
+        """Ask a worker holding more than its share for one lease, if we hold less; it is read
+        here once that worker has handed it over."""
         if self._stopping.is_set():
-            return None
+            return
         me = self._leases.owner
         # What we took earlier in this round is ours, whatever the scan said.
         current = [
@@ -270,17 +267,13 @@ class ShardSupervisor:
             return self._expired(lease) or (owner != me and owner not in self._renewing)
 
         victim = lease_to_steal(current, me, gone)
-        if victim is None:
-            return None
-        requested = await self._leases.hand_over(victim)
-        if requested is None:
-            return None
+        if victim is None or not await self._leases.hand_over(victim):
+            return
         # The owner hands it over at its next look (it finishes what it read, checkpoints
         # exactly there, clears checkpointOwner); the lease is read here from then on.
         log.info(
             "asked for a lease to balance", extra={"shard": victim.shard_id, "from": victim.owner}
         )
-        return None
 
     def _is_live(self, lease: Lease) -> bool:
         """Held by this worker or by one still renewing it."""

@@ -14,7 +14,6 @@ new LATEST, which would skip whatever arrived while the lease moved.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -257,11 +256,11 @@ class LeaseTable:
         lease.confirmed_at = sent
         return lease
 
-    async def hand_over(self, lease: Lease) -> Lease | None:
+    async def hand_over(self, lease: Lease) -> bool:
         """Ask the owner of `lease` (as scanned) to hand it to this worker, as KCL 3 does: this
         worker becomes `leaseOwner` and the old owner `checkpointOwner`, who stops reading,
         checkpoints exactly what it finished and clears `checkpointOwner`; only then does this
-        worker read. None when the lease moved since it was scanned."""
+        worker reads. False when the lease moved since it was scanned."""
         try:
             await self._client.update_item(
                 TableName=self.table_name,
@@ -279,11 +278,9 @@ class LeaseTable:
             )
         except ClientError as exc:
             if _is_conditional_failure(exc):
-                return None
+                return False
             raise
-        return dataclasses.replace(
-            lease, owner=self.owner, checkpoint_owner=lease.owner, counter=lease.counter + 1
-        )
+        return True
 
     async def checkpoint_handed(self, lease: Lease, checkpoint: str, state: bytes | None) -> None:
         """The old owner's last word in a hand-off: its checkpoint (and state), and
