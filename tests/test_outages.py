@@ -153,7 +153,9 @@ async def test_writes_failing_for_an_operator_to_fix_are_held_not_dead_lettered(
             await wait_for(reported)
 
             async def failed_a_while() -> bool:
-                return dynamodb_proxy.injected["BatchWriteItem"] >= 60
+                # Counted by the service as well as sent by the proxy (which counts first).
+                counted = sample(service, errors, api="BatchWriteItem", cause=cause)
+                return dynamodb_proxy.injected["BatchWriteItem"] >= 60 and counted >= 60
 
             await wait_for(failed_a_while, timeout=60)
             # Not ready (an operator must act), but alive: a restart does not fix IAM.
