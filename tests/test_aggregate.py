@@ -212,6 +212,9 @@ async def test_aggregates_equal_the_reference_with_out_of_order_and_late_reading
         expected = reference([*readings, late])
         await wait_output(kinesis, s.stream_name, expected)
         await wait_for(holds(lambda: any(e["kind"] == "late" for e in dead_letters(s))))
+        # The file holds the letter before the metric counts it: wait for the count too.
+        late_letters = "wildrydes_records_dead_lettered_total"
+        await wait_for(holds(lambda: metric(aggregator, late_letters, reason="late") >= 1))
 
         assert metric(aggregator, "wildrydes_aggregate_windows_reemitted_total") == 1
         assert metric(aggregator, "wildrydes_aggregate_late_readings_total", outcome="merged") == 1
