@@ -49,9 +49,10 @@ class CountingSink:
     def start(self) -> None:
         self._pool.start()
 
-    async def put(self, envelope: Envelope) -> None:
-        self._counter.note(envelope.shard_id, envelope.sequence)
-        await self._pool.put(envelope)
+    async def put_many(self, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            self._counter.note(envelope.shard_id, envelope.sequence)
+        await self._pool.put_many(envelopes)
 
     async def drain(self) -> None:
         await self._pool.drain()

@@ -51,10 +51,14 @@ FINAL_CHECKPOINT_TIMEOUT = 10.0
 
 class Sink(Protocol):
     """Where decoded records go. It acknowledges each one (`envelope.tenure.finish`) once it is
-    durably handled, bounds what it holds (`put` waits when full) and drains on request."""
+    durably handled, bounds what it holds (`put_many` waits when full) and drains on request.
+
+    `put_many` takes a page's records in shard order and, from the call on, owns their bytes
+    in the byte bound: it gives them back once done with them, or at once if it will not
+    hold them (cancelled, fenced)."""
 
     def start(self) -> None: ...
-    async def put(self, envelope: Envelope) -> None: ...
+    async def put_many(self, envelopes: list[Envelope]) -> None: ...
     async def drain(self) -> None: ...
     async def stop(self) -> None: ...
 
@@ -169,7 +173,7 @@ class Consumer:
                 clients.kinesis_data,
                 leases,
                 s,
-                self.sink.put,
+                self.sink.put_many,
                 deadletters,
                 self.metrics,
                 self._stopping,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol
 
+import orjson
+
 from wildrydes_stream.config import StatusTimeFormat
 from wildrydes_stream.errors import RecordError
 
@@ -84,6 +86,9 @@ def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Item
     dead-lettered rather than stop the shard, or every restart would stop on it again.
     """
     try:
+        fast = _decode_plain_item(data, status_time_format)
+        if fast is not None:
+            return fast
         return _decode_item(data, status_time_format)
     except RecordError:
         raise
@@ -125,6 +130,51 @@ def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Ite
         if field in ("Name", "StatusTime"):
             continue
         item[field] = _attribute(field, value)
+    return (name, sort_key), item
+
+
+def _decode_plain_item(
+    data: bytes, status_time_format: StatusTimeFormat
+) -> tuple[ItemKey, Item] | None:
+    """The item of a record that holds only strings and integers (every aggregate does), with
+    orjson, several times faster than the exact path; None for anything else, which the exact
+    path then decodes (or refuses) exactly as before.
+
+    Only those two types are taken here because only they keep their exact text through
+    orjson: an integer orjson returns as `int` prints back to the digits it was read from
+    (larger ones come back as float and go to the exact path, as every float does). What
+    orjson refuses (NaN, lone surrogates, a BOM, bad UTF-8) is left to the exact path too, so
+    what is accepted stays the same (tests/test_fast_paths.py compares both paths).
+    """
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict:
+        return None
+    name = body.get("Name")
+    status_time = body.get("StatusTime")
+    if type(name) is not str or not name or type(status_time) is not str:
+        return None
+    epoch_ms = _epoch_ms_cached(status_time)  # validates it in either format
+    # Name and StatusTime first, as the exact path orders them; the loop writes their
+    # string attributes in place, and a numeric sort key replaces StatusTime's after it.
+    item: Item = {"Name": {"S": name}, "StatusTime": {"S": status_time}}
+    for field, value in body.items():
+        kind = type(value)
+        if kind is int:
+            item[field] = {"N": str(value)}
+        elif kind is str:
+            if field in METRIC_FIELDS:
+                return None
+            item[field] = {"S": value}
+        else:
+            return None
+    if status_time_format == "epoch_ms":
+        sort_key = str(epoch_ms)
+        item["StatusTime"] = {"N": sort_key}
+    else:
+        sort_key = status_time
     return (name, sort_key), item
 
 

@@ -190,11 +190,15 @@ class WindowSink:
     def start(self) -> None:
         self._writer.start()
 
-    async def put(self, envelope: Envelope) -> None:
-        # Windows keep the values, not the record: its bytes leave the byte bound now, so
+    async def put_many(self, envelopes: list[Envelope]) -> None:
+        # Windows keep the values, not the records: their bytes leave the byte bound now, so
         # readings waiting for their window never stop the pollers (which would stop the
         # watermark that closes the windows).
-        self._budget.give_back(len(envelope.data))
+        self._budget.give_back(sum(len(envelope.data) for envelope in envelopes))
+        for envelope in envelopes:
+            await self._put(envelope)
+
+    async def _put(self, envelope: Envelope) -> None:
         if envelope.tenure.fenced:
             return
         added = self._aggregation.add(envelope)

@@ -3,16 +3,18 @@
 `wildrydes_unicorn_min_magic_points` has a series per unicorn, a label the conventions keep
 bounded: at most `alert_max_unicorns_tracked` series, and a unicorn's series goes when this
 process stops reading its shard (a stale low value left behind by a shard that moved to
-another replica would keep the WildrydesUnicornMagicLow alert firing).
+another replica would keep the WildrydesUnicornMagicLow alert firing). Its values are kept in
+a plain dict and read at scrape time: setting a labelled Gauge for every record took a lock
+and a lookup per record on the hot path.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from wildrydes_stream.alerts.destinations import NAMES
 from wildrydes_stream.observability.metrics import NAMESPACE
@@ -45,48 +47,58 @@ class AlertMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        self.magic = Gauge(
-            "unicorn_min_magic_points",
-            "MinMagicPoints of the latest aggregate read for a unicorn (one series per unicorn, "
-            "at most alert_max_unicorns_tracked).",
-            ["unicorn"],
-            namespace=NAMESPACE,
-            registry=registry,
-        )
+        self._magic = _MagicPoints()
+        registry.register(self._magic)
         for destination in destinations:  # exported at 0 from the start
             assert destination in NAMES, destination
             self.failures.labels(destination)
             for state in ("firing", "resolved"):
                 self.alerts.labels(state, destination)
         self._max_unicorns = max_unicorns
-        self._series: dict[str, tuple[str, Any]] = {}
-        """Unicorn -> (the shard its series was last set from, the series): looked up once
-        per record, so the labelled child is kept rather than found again each time."""
         self._capped = False
 
     def saw(self, shard_id: str, unicorn: str, magic: float) -> None:
         """The latest MinMagicPoints of a unicorn, read on a shard."""
-        known = self._series.get(unicorn)
-        if known is not None and known[0] == shard_id:
-            known[1].set(magic)
+        latest = self._magic.latest
+        if unicorn in latest or len(latest) < self._max_unicorns:
+            latest[unicorn] = (shard_id, magic)
             return
-        if known is None and len(self._series) >= self._max_unicorns:
-            if not self._capped:
-                self._capped = True
-                log.warning(
-                    "more than alert_max_unicorns_tracked (%d) unicorns: no "
-                    "wildrydes_unicorn_min_magic_points series for the others (their alerts "
-                    "still fire); raise WILDRYDES_ALERT_MAX_UNICORNS_TRACKED to see them",
-                    self._max_unicorns,
-                )
-            return
-        series = self.magic.labels(unicorn)
-        self._series[unicorn] = (shard_id, series)
-        series.set(magic)
+        if not self._capped:
+            self._capped = True
+            log.warning(
+                "more than alert_max_unicorns_tracked (%d) unicorns: no "
+                "wildrydes_unicorn_min_magic_points series for the others (their alerts "
+                "still fire); raise WILDRYDES_ALERT_MAX_UNICORNS_TRACKED to see them",
+                self._max_unicorns,
+            )
 
     def forget_shard(self, shard_id: str) -> None:
         """This process no longer reads the shard: drop the series of its unicorns."""
-        gone = [unicorn for unicorn, (shard, _) in self._series.items() if shard == shard_id]
-        for unicorn in gone:
-            del self._series[unicorn]
-            self.magic.remove(unicorn)
+        latest = self._magic.latest
+        for unicorn in [u for u, (shard, _) in latest.items() if shard == shard_id]:
+            del latest[unicorn]
+
+
+class _MagicPoints:
+    """`wildrydes_unicorn_min_magic_points`, from the latest value seen per unicorn."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[str, float]] = {}
+        """Unicorn -> (the shard its value was last read on, the value)."""
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for unicorn, (_, magic) in list(self.latest.items()):
+            family.add_metric([unicorn], magic)
+        yield family
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"{NAMESPACE}_unicorn_min_magic_points",
+            "MinMagicPoints of the latest aggregate read for a unicorn (one series per unicorn, "
+            "at most alert_max_unicorns_tracked).",
+            labels=["unicorn"],
+        )

@@ -182,17 +182,22 @@ class AlertingSink:
         self.pool.start()
         self.stage.start()
 
-    async def put(self, envelope: Envelope) -> None:
-        if envelope.tenure.fenced:
-            await self.pool.put(envelope)  # dropped by the writers, state left alone
-            return
-        alert = self.stage.evaluate(envelope)
-        if alert is None:
-            await self.pool.put(envelope)
-            return
-        envelope.tenure = both = _Both(envelope.tenure)
-        await self.pool.put(envelope)
-        await self.stage.put(alert, both, envelope.sequence)
+    async def put_many(self, envelopes: list[Envelope]) -> None:
+        """Evaluate the records in order, hand them all to the writers, then queue their
+        alerts. The writers take them first so that a cancel while the alert queue is full
+        leaves no record whose bytes nobody gives back."""
+        stage = self.stage
+        alerts: list[tuple[Alert, _Both, int]] = []
+        for envelope in envelopes:
+            if envelope.tenure.fenced:
+                continue  # dropped by the writers, state left alone
+            alert = stage.evaluate(envelope)
+            if alert is not None:
+                envelope.tenure = both = _Both(envelope.tenure)
+                alerts.append((alert, both, envelope.sequence))
+        await self.pool.put_many(envelopes)
+        for alert, both, sequence in alerts:
+            await stage.put(alert, both, sequence)
 
     async def drain(self) -> None:
         await asyncio.gather(self.pool.drain(), self.stage.drain())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from itertools import pairwise
 
 
 class ShardProgress:
@@ -60,6 +61,21 @@ class ShardProgress:
         if self._pending and sequence <= self._pending[-1]:
             raise ValueError(f"sequence {sequence} registered out of order on {self.shard_id}")
         self._pending.append(sequence)
+        self.drained.clear()
+
+    def register_many(self, sequences: list[int]) -> None:
+        """A page of records was read, in increasing order."""
+        if self._fenced or not sequences:
+            return
+        if self._ended:
+            raise RuntimeError(f"shard {self.shard_id} already ended")
+        pending = self._pending
+        first = sequences[0]
+        if (pending and first <= pending[-1]) or any(
+            later <= earlier for earlier, later in pairwise(sequences)
+        ):
+            raise ValueError(f"sequences registered out of order on {self.shard_id}")
+        pending.extend(sequences)
         self.drained.clear()
 
     def finish(self, sequence: int) -> None:

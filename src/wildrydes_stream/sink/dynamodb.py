@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ from wildrydes_stream.retry import (
 )
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.pacing import AdaptiveConcurrency, WriteUnitBudget
+from wildrydes_stream.waiting import wait_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,40 @@ Batch = dict[ItemKey, list[Envelope]]
 API = "BatchWriteItem"
 
 
+class WriterQueue:
+    """One writer's records in arrival order. Its bound is the pool's to keep (`put_many`
+    waits for room); `unfinished` counts records queued and not yet written, for `drain`."""
+
+    __slots__ = ("idle", "ready", "records", "unfinished")
+
+    def __init__(self) -> None:
+        self.records: deque[Envelope] = deque()
+        self.ready = asyncio.Event()
+        """Set while records are queued."""
+        self.unfinished = 0
+        self.idle = asyncio.Event()
+        """Set while nothing is queued or being written."""
+        self.idle.set()
+
+    def extend(self, envelopes: list[Envelope]) -> None:
+        self.records.extend(envelopes)
+        self.unfinished += len(envelopes)
+        self.ready.set()
+        self.idle.clear()
+
+    def done(self, count: int) -> None:
+        """`count` records taken from this queue are written or dead-lettered."""
+        self.unfinished -= count
+        if self.unfinished <= 0:
+            self.unfinished = 0
+            self.idle.set()
+
+
 class WriterPool:
-    """Front of the writers: `put` routes a record to its writer and waits when it is full."""
+    """Front of the writers: `put_many` routes records to their writers and waits when full.
+
+    Records are handed over a page at a time: one wait for room and one append per writer,
+    not one awaited queue put per record (which cost more than decoding the record)."""
 
     def __init__(
         self,
@@ -58,10 +92,11 @@ class WriterPool:
         blocked: BlockedCalls | None = None,
         budget: ByteBudget | None = None,
     ) -> None:
-        per_writer = max(1, settings.queue_size // settings.writers)
-        self._queues: list[asyncio.Queue[Envelope]] = [
-            asyncio.Queue(per_writer) for _ in range(settings.writers)
-        ]
+        self._per_writer = max(1, settings.queue_size // settings.writers)
+        self._queues = [WriterQueue() for _ in range(settings.writers)]
+        self._room = asyncio.Event()
+        """Set when a writer took records from its queue: a waiting `put_many` looks again."""
+        self._budget = budget
         self.blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self.concurrency = AdaptiveConcurrency(settings.writers)
         shared = _Shared(
@@ -73,20 +108,70 @@ class WriterPool:
             self.concurrency,
             WriteUnitBudget(settings.max_write_units_per_second),
             budget,
+            self._took,
         )
         self._writers = [BatchWriter(queue, shared) for queue in self._queues]
         self._tasks = BackgroundTasks(on_failure)
-        metrics.queue_capacity.set(per_writer * settings.writers)
+        metrics.queue_capacity.set(self._per_writer * settings.writers)
         metrics.queue_depth.set_function(self.depth)
         metrics.write_concurrency_limit.set_function(lambda: int(self.concurrency.limit))
 
     def depth(self) -> int:
-        return sum(queue.qsize() for queue in self._queues)
+        return sum(len(queue.records) for queue in self._queues)
 
     async def put(self, envelope: Envelope) -> None:
-        # hash() of a tuple of str is fixed for the life of the process, which is all routing
-        # needs: one key always goes to the same writer.
-        await self._queues[hash(envelope.key) % len(self._queues)].put(envelope)
+        await self.put_many([envelope])
+
+    async def put_many(self, envelopes: list[Envelope]) -> None:
+        """Queue records (each behind the earlier ones of its key), taking over their bytes in
+        the byte bound: as many at once as a writer's queue has room for, waiting for room
+        for the rest. If cancelled while waiting, the bytes of what it did not queue are
+        given back."""
+        queues = self._queues
+        if len(queues) == 1:
+            groups = [(queues[0], envelopes)]
+        else:
+            by_writer: dict[int, list[Envelope]] = {}
+            count = len(queues)
+            for envelope in envelopes:
+                # hash() of a tuple of str is fixed for the life of the process, which is all
+                # routing needs: one key always goes to the same writer.
+                index = hash(envelope.key) % count
+                group = by_writer.get(index)
+                if group is None:
+                    by_writer[index] = [envelope]
+                else:
+                    group.append(envelope)
+            groups = [(queues[index], group) for index, group in by_writer.items()]
+        # What is left of each writer's share: every writer is given what fits before any
+        # wait, so one slow writer does not keep the others idle.
+        left = [(queue, group, 0) for queue, group in groups]
+        try:
+            while True:
+                waiting = []
+                for queue, group, start in left:
+                    room = self._per_writer - len(queue.records)
+                    if room > 0:
+                        queue.extend(group[start : start + room])
+                        start += room
+                    if start < len(group):
+                        waiting.append((queue, group, start))
+                left = waiting
+                if not left:
+                    return
+                self._room.clear()
+                await self._room.wait()
+        except BaseException:
+            self._give_back(*(group[start:] for _, group, start in left))
+            raise
+
+    def _give_back(self, *groups: list[Envelope]) -> None:
+        if self._budget is not None:
+            self._budget.give_back(sum(len(e.data) for group in groups for e in group))
+
+    def _took(self, queue: WriterQueue) -> None:
+        if len(queue.records) < self._per_writer:
+            self._room.set()
 
     def start(self) -> None:
         if not self._tasks.started:
@@ -95,7 +180,7 @@ class WriterPool:
 
     async def drain(self) -> None:
         """Wait until everything queued so far is written or dead-lettered."""
-        await asyncio.gather(*(queue.join() for queue in self._queues))
+        await asyncio.gather(*(queue.idle.wait() for queue in self._queues))
 
     async def stop(self) -> None:
         await self._tasks.cancel()
@@ -114,6 +199,7 @@ class _Shared:
         concurrency: AdaptiveConcurrency,
         units: WriteUnitBudget,
         budget: ByteBudget | None,
+        took: Callable[[WriterQueue], None],
     ) -> None:
         self.client = client
         self.settings = settings
@@ -123,10 +209,12 @@ class _Shared:
         self.concurrency = concurrency
         self.units = units
         self.budget = budget
+        self.took = took
+        """Called after a writer took records from its queue (there may be room now)."""
 
 
 class BatchWriter:
-    def __init__(self, queue: asyncio.Queue[Envelope], shared: _Shared) -> None:
+    def __init__(self, queue: WriterQueue, shared: _Shared) -> None:
         self._queue = queue
         self._shared = shared
         self._settings = shared.settings
@@ -140,29 +228,40 @@ class BatchWriter:
                 await self.write(batch)
             finally:
                 self._release(batch)
-                for _ in range(count):
-                    self._queue.task_done()
+                self._queue.done(count)
 
     async def _collect(self) -> tuple[Batch, int]:
-        """Up to batch_size distinct keys, or what arrived before the batching window closed."""
+        """Up to batch_size distinct keys, or what arrived before the batching window closed
+        (counted from the first record taken)."""
         queue = self._queue
-        first = await queue.get()
-        batch: Batch = {first.key: [first]}
-        count = 1
-        deadline = time.monotonic() + self._settings.batch_window_seconds
-        while len(batch) < self._settings.batch_size:
-            try:
-                envelope = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    envelope = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
-                    break
-            count += 1
-            batch.setdefault(envelope.key, []).append(envelope)
+        records = queue.records
+        while not records:
+            queue.ready.clear()
+            await queue.ready.wait()
+        size = self._settings.batch_size
+        batch: Batch = {}
+        count = 0
+        deadline = 0.0
+        while True:
+            while records and len(batch) < size:
+                envelope = records.popleft()
+                count += 1
+                same_key = batch.get(envelope.key)
+                if same_key is None:
+                    batch[envelope.key] = [envelope]
+                else:
+                    same_key.append(envelope)
+            if len(batch) >= size:
+                break
+            if not deadline:
+                deadline = time.monotonic() + self._settings.batch_window_seconds
+            remaining = deadline - time.monotonic()
+            queue.ready.clear()
+            if remaining <= 0 or not await wait_or_timeout(queue.ready, remaining):
+                break
+        if not records:
+            queue.ready.clear()
+        self._shared.took(queue)
         return batch, count
 
     def _release(self, batch: Batch) -> None:

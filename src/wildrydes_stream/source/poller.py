@@ -41,7 +41,9 @@ FIRST_RECORD_SIZE_GUESS = 64 * 1024
 
 Decode = Callable[[bytes], tuple[ItemKey, Any]]
 """A record's data -> its routing key and payload; RecordError when the record is bad."""
-Dispatch = Callable[[Envelope], Awaitable[None]]
+Dispatch = Callable[[list[Envelope]], Awaitable[None]]
+"""Hands a page's decoded records to the sink (its `put_many`), which takes over their bytes
+in the byte bound from the call on; waits while the sink is full."""
 
 
 class ShardState(Protocol):
@@ -63,7 +65,6 @@ class ShardState(Protocol):
         ...
 
 
-"""Hands a decoded record to the writers; waits while they are full."""
 SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
 """Returns once the dead-letter destinations hold the entries."""
 
@@ -74,6 +75,7 @@ class Progress(Protocol):
     @property
     def fenced(self) -> bool: ...
     def register(self, sequence: int) -> None: ...
+    def register_many(self, sequences: list[int]) -> None: ...
     def finish(self, sequence: int) -> None: ...
     def end(self) -> None: ...
 
@@ -209,26 +211,47 @@ class ShardPoller:
         return size
 
     async def _handle(self, records: list[dict[str, Any]], size: int) -> None:
-        """Register, decode and dispatch a page in order. Bytes of records dispatched are the
-        writers' to give back; the rest of the page (bad records, or all that was not reached
-        when cancelled) is given back here."""
-        kept = [size]
+        """Register, decode and dispatch a page in order. The bytes of the records handed to
+        the sink are the sink's to give back; the rest (bad records, or the whole page when
+        cancelled before the hand-over) are given back here."""
+        kept = size
         try:
-            await self._dispatch_page(records, kept)
+            envelopes, bad = self._decode_page(records)
+            handed = sum(len(envelope.data) for envelope in envelopes)
+            if envelopes:
+                kept -= handed  # the sink owns them from the call on, whatever happens in it
+                await self._dispatch(envelopes)
         finally:
-            self._budget.give_back(kept[0])
+            self._budget.give_back(kept)
+        self._last_read = records[-1]["SequenceNumber"]
+        self._metrics.records_read.labels(self.shard_id).inc(len(records))
+        if bad:
+            await self._send_dead_letters(bad)
+            for letter in bad:
+                self._progress.finish(letter.sequence)
 
-    async def _dispatch_page(self, records: list[dict[str, Any]], kept: list[int]) -> None:
-        """`kept[0]`: bytes of the page not yet handed to the writers."""
-        settings, progress, shard_id = self._settings, self._progress, self.shard_id
+    def _decode_page(
+        self, records: list[dict[str, Any]]
+    ) -> tuple[list[Envelope], list[DeadLetter]]:
+        """The page's records registered with the shard's progress (all of them, in order,
+        before any can finish), decoded into envelopes and dead letters."""
+        settings, progress, shard_id, decode = (
+            self._settings,
+            self._progress,
+            self.shard_id,
+            self._decode,
+        )
+        sequences = [int(record["SequenceNumber"]) for record in records]
+        progress.register_many(sequences)
+        envelopes: list[Envelope] = []
         bad: list[DeadLetter] = []
-        for record in records:
-            sequence = int(record["SequenceNumber"])
+        for record, sequence in zip(records, sequences, strict=True):
             data: bytes = record["Data"]
-            arrival = _epoch(record.get("ApproximateArrivalTimestamp"))
-            progress.register(sequence)
+            arrival = record.get("ApproximateArrivalTimestamp")
+            if type(arrival) is not float:
+                arrival = _epoch(arrival)
             try:
-                key, item = self._decode(data)
+                key, item = decode(data)
             except RecordError as exc:
                 bad.append(
                     DeadLetter(
@@ -242,14 +265,8 @@ class ShardPoller:
                     )
                 )
                 continue
-            await self._dispatch(Envelope(shard_id, sequence, key, item, arrival, data, progress))
-            kept[0] -= len(data)
-        self._last_read = records[-1]["SequenceNumber"]
-        self._metrics.records_read.labels(shard_id).inc(len(records))
-        if bad:
-            await self._send_dead_letters(bad)
-            for letter in bad:
-                progress.finish(letter.sequence)
+            envelopes.append(Envelope(shard_id, sequence, key, item, arrival, data, progress))
+        return envelopes, bad
 
     def _again(self, checkpoint: str) -> str:
         """Where to ask for an iterator again when nothing has been read yet."""
