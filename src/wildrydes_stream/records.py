@@ -159,23 +159,36 @@ def _decode_plain_item(
     epoch_ms = _epoch_ms_cached(status_time)  # validates it in either format
     # Name and StatusTime first, as the exact path orders them; the loop writes their
     # string attributes in place, and a numeric sort key replaces StatusTime's after it.
-    item: Item = {"Name": {"S": name}, "StatusTime": {"S": status_time}}
+    item: Item = {"Name": _UNSET, "StatusTime": _UNSET}
+    shared = _SHARED_ATTRIBUTES
     for field, value in body.items():
         kind = type(value)
-        if kind is int:
-            item[field] = {"N": str(value)}
-        elif kind is str:
+        if kind is str:
             if field in METRIC_FIELDS:
                 return None
-            item[field] = {"S": value}
-        else:
+        elif kind is not int:
             return None
+        attribute = shared.get(value)
+        if attribute is None:
+            attribute = {"N": str(value)} if kind is int else {"S": value}
+            if len(shared) < _MAX_SHARED_ATTRIBUTES:
+                shared[value] = attribute
+        item[field] = attribute
     if status_time_format == "epoch_ms":
         sort_key = str(epoch_ms)
         item["StatusTime"] = {"N": sort_key}
     else:
         sort_key = status_time
     return (name, sort_key), item
+
+
+# Attribute values recur (the same names, magic points from 0 to 200, the same minutes): one
+# read-only `{"N": "146"}` per value serves every item that holds it, instead of a new dict
+# per field of every record. Keyed by the value itself, which is only ever an int or a str
+# here (never a bool, which would equal 1), and bounded: past the bound, values get their own.
+_SHARED_ATTRIBUTES: Final[dict[int | str, AttributeValue]] = {}
+_UNSET: Final[AttributeValue] = {}
+_MAX_SHARED_ATTRIBUTES: Final = 16_384
 
 
 # Every unicorn reports the same minutes, so the same few StatusTime strings recur: caching
