@@ -331,6 +331,8 @@ class Consumer:
         )
         await _cancel(self._discovery)
         supervisor, sink = self.supervisor, self.sink
+        if supervisor is not None:
+            supervisor.halt_all()  # pollers pausing between polls stop now, not after it
         if supervisor is not None and sink is not None:
             await self._drain(supervisor, sink)
             # Lease writes are shielded and serialized per lease, so cancelling a checkpoint

@@ -547,6 +547,11 @@ class ShardSupervisor:
             except LeaseLostError:
                 await self._lost(owned)
 
+    def halt_all(self) -> None:
+        """The service stops: every poller ends its loop now, even mid-pause."""
+        for owned in list(self.owned.values()):
+            owned.poller.halt()
+
     async def wait_shard_tasks(self) -> None:
         tasks = [o.task for o in list(self.owned.values()) if o.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)

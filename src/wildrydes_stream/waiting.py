@@ -28,16 +28,3 @@ async def wait_any(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def wait_any_or_timeout(events: tuple[asyncio.Event, ...], timeout: float) -> bool:
-    """Until one of `events` is set or `timeout` seconds pass; True when one was set."""
-    if any(event.is_set() for event in events):
-        return True
-    if timeout <= 0:
-        return False
-    try:
-        await asyncio.wait_for(wait_any(*events), timeout)
-    except TimeoutError:
-        return False
-    return True

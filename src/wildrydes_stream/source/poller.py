@@ -31,7 +31,7 @@ from wildrydes_stream.retry import (
     error_code,
     fault_of,
 )
-from wildrydes_stream.waiting import wait_any, wait_any_or_timeout, wait_or_timeout
+from wildrydes_stream.waiting import wait_any, wait_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class ShardPoller:
         self._last_read: str | None = None
         self._since: datetime | None = None
         self._halted = asyncio.Event()
+        self._sleeper: asyncio.Future[None] | None = None
+        """The pause in progress, which `halt` ends early."""
         self.caught_up = asyncio.Event()
         """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
 
@@ -135,7 +137,7 @@ class ShardPoller:
         # A fenced tenure (lease lost) reads nothing more: the shard's new owner reads it.
         while iterator is not None and not self._quitting() and not self._progress.fenced:
             pause = self._settings.min_poll_interval_seconds - (time.monotonic() - last_call)
-            if await wait_any_or_timeout((self._stopping, self._halted), pause):
+            if await self._pause(pause):
                 break
             limit = await self._room_for_a_page()
             if limit == 0:
@@ -175,7 +177,7 @@ class ShardPoller:
             if not records:
                 self.caught_up.set()
             idle = self._settings.idle_poll_interval_seconds
-            if await wait_any_or_timeout((self._stopping, self._halted), idle):
+            if await self._pause(idle):
                 break
         if iterator is None:
             log.info("shard read to its end", extra={"shard": self.shard_id})
@@ -186,9 +188,32 @@ class ShardPoller:
         return self._stopping.is_set() or self._halted.is_set()
 
     def halt(self) -> None:
-        """Read no more (the lease is being handed over): the page being dispatched is
-        finished, then the loop ends without ending the shard."""
+        """Read no more (the lease is being handed over, or the service stops): the page
+        being dispatched is finished, then the loop ends without ending the shard."""
         self._halted.set()
+        sleeper = self._sleeper
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep between polls, cut short by `halt`; True when the loop is to end.
+
+        A bare timer future, not a wait on the stopping and halted events: an idle shard
+        pauses once a second, and waiting on two events with a timeout (three tasks, their
+        cancellation) cost ten times the timer. A stop halts every poller (the supervisor's
+        `halt_all`), so the stopping event need not be awaited here."""
+        if self._quitting():
+            return True
+        if seconds > 0:
+            loop = asyncio.get_running_loop()
+            self._sleeper = sleeper = loop.create_future()
+            timer = loop.call_later(seconds, _wake, sleeper)
+            try:
+                await sleeper
+            finally:
+                timer.cancel()
+                self._sleeper = None
+        return self._quitting()
 
     async def _room_for_a_page(self) -> int:
         """The Limit of the next GetRecords: as many records as fit in the byte bound, after
@@ -335,6 +360,11 @@ class ShardPoller:
 
 class _Stopped(Exception):
     """Stopping while waiting to retry: leave without reading, and without ending the shard."""
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.done():
+        sleeper.set_result(None)
 
 
 def _epoch(value: datetime | float | None) -> float:
