@@ -29,6 +29,7 @@ from wildrydes_stream import aws
 from wildrydes_stream.aws import AwsClients
 from wildrydes_stream.config import ENV_PREFIX, Settings, load_settings
 from wildrydes_stream.records import METRIC_FIELDS, status_time_to_epoch_ms
+from wildrydes_stream.runtime import settle_heap
 from wildrydes_stream.service import Service
 
 CLIENTS = ("fast", "botocore", "botocore-novalidate", "null")
@@ -113,6 +114,7 @@ async def run_service(spec: dict[str, Any]) -> dict[str, Any]:
         elif client != "fast":
             service._clients = AwsClients(fast=False)
         async with service:
+            settle_heap()  # as `python -m wildrydes_stream run` does once started
             await service.run_burst()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     snapshot = service.metrics.snapshot()

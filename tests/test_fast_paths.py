@@ -219,3 +219,14 @@ async def test_a_page_cancelled_while_waiting_for_room_gives_back_the_bytes_it_d
 
 def _fail(exc: BaseException) -> None:
     raise AssertionError(f"a writer failed: {exc!r}")
+
+
+def test_free_text_is_not_kept_for_sharing_and_the_shared_values_stay_bounded() -> None:
+    from wildrydes_stream import records
+
+    for n in range(records._MAX_SHARED_ATTRIBUTES + 100):
+        data = PLAIN.replace(b'"Distance":', b'"Note":"%s","Distance":' % (b"x%06d" % n * 20))
+        assert decode_item(data, "epoch_ms")[1]["Note"] == {"S": (f"x{n:06d}" * 20)}
+    kept = records._SHARED_ATTRIBUTES
+    assert len(kept) <= records._MAX_SHARED_ATTRIBUTES
+    assert all(len(value) <= records._MAX_SHARED_STRING for value in kept if isinstance(value, str))

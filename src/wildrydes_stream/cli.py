@@ -21,6 +21,7 @@ from wildrydes_stream import __version__
 from wildrydes_stream.config import CONFIG_FILE_ENV, Loaded, Settings, describe, load
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
+from wildrydes_stream.runtime import settle_heap
 
 if TYPE_CHECKING:
     from wildrydes_stream.produce.producer import ProduceOptions
@@ -350,6 +351,7 @@ async def _serve(settings: Settings) -> int:
     service = Service(settings)
     install_signal_handlers(service.request_stop)
     async with service:
+        settle_heap()
         await service.wait()
     return service.exit_code
 
@@ -360,6 +362,7 @@ async def _aggregate(settings: Settings) -> int:
     aggregator = Aggregator(settings)
     install_signal_handlers(aggregator.request_stop)
     async with aggregator:
+        settle_heap()
         await aggregator.wait()
     return aggregator.exit_code
 

@@ -170,7 +170,13 @@ def _decode_plain_item(
             return None
         attribute = shared.get(value)
         if attribute is None:
-            attribute = {"N": str(value)} if kind is int else {"S": value}
+            if kind is int:
+                attribute = {"N": str(value)}
+            else:
+                attribute = {"S": value}
+                if len(value) > _MAX_SHARED_STRING:
+                    item[field] = attribute
+                    continue  # free text is not kept: it would fill the table with one-offs
             if len(shared) < _MAX_SHARED_ATTRIBUTES:
                 shared[value] = attribute
         item[field] = attribute
@@ -185,8 +191,11 @@ def _decode_plain_item(
 # Attribute values recur (the same names, magic points from 0 to 200, the same minutes): one
 # read-only `{"N": "146"}` per value serves every item that holds it, instead of a new dict
 # per field of every record. Keyed by the value itself, which is only ever an int or a str
-# here (never a bool, which would equal 1), and bounded: past the bound, values get their own.
+# here (never a bool, which would equal 1), and bounded in count and in the length of the
+# strings it keeps (names, not free text): at most about 2 MB. Past the bound, values get
+# their own.
 _SHARED_ATTRIBUTES: Final[dict[int | str, AttributeValue]] = {}
+_MAX_SHARED_STRING: Final = 40
 _UNSET: Final[AttributeValue] = {}
 _MAX_SHARED_ATTRIBUTES: Final = 16_384
 
