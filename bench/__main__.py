@@ -30,13 +30,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.session import get_session
 
+from bench.canned import canned_server, canned_stats
 from bench.data import SHARDS, aggregates, encode
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
@@ -141,31 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The canned endpoint
 
 
-@contextmanager
-def canned_server(records: int, page_size: int) -> Iterator[str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.canned",
-            "--records",
-            str(records),
-            "--page-size",
-            str(page_size),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().strip()
-        if not line.isdigit():
-            raise RuntimeError(f"canned endpoint did not start (exit code {process.wait()})")
-        yield f"http://127.0.0.1:{line}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 def run_canned(
     contenders: list[str],
     records: int,
@@ -201,14 +176,6 @@ def run_canned(
             report(result, run)
             results.append(result)
     return results
-
-
-def canned_stats(endpoint: str) -> dict[str, Any]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{endpoint}/_stats", timeout=10) as response:
-        stats: dict[str, Any] = json.load(response)
-        return stats
 
 
 # The emulators
