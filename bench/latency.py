@@ -39,6 +39,8 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.records import status_time_to_epoch_ms
 
 RUNS = {"default": Settings().idle_poll_interval_seconds, "low": 0.2}
+"""idle_poll_interval_seconds of each run."""
+SHARDS = 4
 
 
 @dataclass
@@ -119,7 +121,7 @@ async def wait_until(condition: Any, timeout: float, what: str) -> None:
 async def measure(
     run: str,
     idle_poll_interval_seconds: float,
-    shards: int = 4,
+    shards: int = SHARDS,
     rate: float = 200.0,
     duration: float = 30.0,
 ) -> Latency:
@@ -190,7 +192,7 @@ async def measure_runs(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=SHARDS)
     parser.add_argument("--rate", type=float, default=200.0, help="records a second")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds a run")
     parser.add_argument("--runs", default="default,low", help="comma-separated, of: default, low")
