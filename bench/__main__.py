@@ -1,6 +1,7 @@
-"""`make bench`: the service's throughput and CPU per record, beside the original Lambda's logic.
+"""`make bench`: throughput and CPU per record beside the original Lambda's logic, then the
+service at scale (256 shards in one process) and its latency.
 
-Two targets, measured in one run:
+Throughput, on two targets measured in one run:
 
 - canned: a canned-response endpoint in a process of its own (bench/canned.py), so only the
   client's CPU is measured: the ceiling of the service itself.
@@ -16,9 +17,25 @@ also runs once against an empty stream, and that start-up CPU (clients, service 
 is subtracted: `records_per_cpu_second` is the steady-state rate. Wall-clock rates depend on
 what else runs on the machine; CPU seconds are the honest figure on a shared one.
 
-Ends with one JSON line holding every figure. The defaults (50,000 records canned, 10,000 on
-the emulators) take about two minutes on 2 cores; `--records 100000 --emulator-records 20000`
-gives steadier figures, `--client fast,null` a quick look, `--profile DIR` a cProfile per run.
+Scale (bench/scale.py, `--skip-scale` to leave out): `python -m wildrydes_stream run` as a child
+process with default settings catches up 256 shards of the canned endpoint (40 records of ~1 KB
+a shard); its peak RSS (VmHWM) once caught up, then its CPU over a 20 s idle window as a
+percentage of one core (utime + stime from /proc), with the GetRecords calls a second the
+endpoint saw meanwhile (one a second per shard by default).
+
+Latency (bench/latency.py, `--skip-latency` to leave out): p50 and p99 from PutRecords
+acknowledged to the item's BatchWriteItem answered by dynalite (a recording proxy in front of
+it), 4 shards, 200 records a second for 30 s, with default polling and again with
+`idle_poll_interval_seconds=0.2`; each run on fresh emulators.
+
+`--set` overrides apply to the throughput runs only; scale and latency use the defaults.
+
+Ends with one JSON line holding every figure (`scale_256_peak_rss_mb`,
+`scale_256_idle_core_percent`, `latency_default_p99_s`, ...). The defaults take three to four
+minutes on 2 cores: about two for throughput (50,000 records canned, 10,000 on the emulators),
+under one for scale, about one and a half for latency. `--records 100000 --emulator-records
+20000` gives steadier throughput figures, `--client fast,null --skip-scale --skip-latency` a
+quick look, `--profile DIR` a cProfile per canned run.
 """
 
 from __future__ import annotations
@@ -30,13 +47,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.session import get_session
 
+from bench import latency, scale
+from bench.canned import canned_server, canned_stats
 from bench.data import SHARDS, aggregates, encode
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
@@ -119,6 +137,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="write a cProfile of each canned run to DIR/<contender>.prof (slows the runs)",
     )
+    parser.add_argument("--skip-scale", action="store_true", help="leave out the scale run")
+    parser.add_argument(
+        "--scale-shards", type=int, default=256, help="shards of the scale run (one process)"
+    )
+    parser.add_argument(
+        "--scale-records", type=int, default=0, help="records of the scale run (0: 40 a shard)"
+    )
+    parser.add_argument(
+        "--record-bytes", type=int, default=1000, help="about this size a record (scale run)"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=20.0, help="idle window of the scale run"
+    )
+    parser.add_argument("--skip-latency", action="store_true", help="leave out the latency runs")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=30.0, help="measured seconds a latency run"
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=200.0, help="records a second, latency runs"
+    )
     args = parser.parse_args(argv)
     contenders = [c.strip() for c in args.client.split(",") if c.strip()]
     for contender in contenders:
@@ -132,38 +170,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         results += run_canned(contenders, args.records, args.page_size, common, args.profile)
     if args.emulator_records > 0:
         results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
-    print()
-    print_table(results)
-    print(json.dumps(summary(results)))
-    return 0 if all(r.written == r.records for r in results) else 1
+    ok = all(r.written == r.records for r in results)
+    scaled: scale.Scale | None = None
+    if not args.skip_scale:
+        records = args.scale_records or 40 * args.scale_shards
+        try:
+            scaled = asyncio.run(
+                scale.measure(args.scale_shards, records, args.record_bytes, args.idle_seconds)
+            )
+        except Exception as exc:  # a figure missing, not the whole bench
+            print(f"scale: FAILED: {type(exc).__name__}: {exc}", flush=True)
+        ok = ok and scaled is not None and scaled.caught_up
+    latencies: list[latency.Latency] = []
+    if not args.skip_latency:
+        try:
+            latencies = asyncio.run(
+                latency.measure_runs(
+                    ["default", "low"],
+                    latency.SHARDS,
+                    args.latency_rate,
+                    args.latency_seconds,
+                    latency.RUNS["low"],
+                )
+            )
+        except Exception as exc:  # a figure missing, not the whole bench
+            print(f"latency: FAILED: {type(exc).__name__}: {exc}", flush=True)
+        ok = ok and len(latencies) == 2 and all(r.written == r.records for r in latencies)
+    if results:
+        print()
+        print_table(results)
+    if scaled is not None:
+        print()
+        print_scale(scaled)
+    if latencies:
+        print()
+        print_latency(latencies)
+    out = summary(results)
+    if scaled is not None:
+        out.update(scale_summary(scaled))
+    for run in latencies:
+        out.update(latency_summary(run))
+    print(json.dumps(out))
+    return 0 if ok else 1
 
 
 # The canned endpoint
-
-
-@contextmanager
-def canned_server(records: int, page_size: int) -> Iterator[str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.canned",
-            "--records",
-            str(records),
-            "--page-size",
-            str(page_size),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().strip()
-        if not line.isdigit():
-            raise RuntimeError(f"canned endpoint did not start (exit code {process.wait()})")
-        yield f"http://127.0.0.1:{line}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def run_canned(
@@ -201,14 +252,6 @@ def run_canned(
             report(result, run)
             results.append(result)
     return results
-
-
-def canned_stats(endpoint: str) -> dict[str, Any]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{endpoint}/_stats", timeout=10) as response:
-        stats: dict[str, Any] = json.load(response)
-        return stats
 
 
 # The emulators
@@ -338,6 +381,61 @@ def print_table(results: list[Result]) -> None:
         "canned: steady state (start-up CPU subtracted); emulators: start-up included, "
         "wall time bound by the emulators."
     )
+
+
+def print_scale(s: scale.Scale) -> None:
+    calls = ", ".join(f"{op} {rate:.1f}/s" for op, rate in sorted(s.idle_calls_per_second.items()))
+    print(
+        f"scale: {s.shards} shards in one process, {s.records} records of ~{s.record_bytes} B: "
+        f"caught up in {s.catch_up_seconds:.1f} s ({s.catch_up_cpu_seconds:.2f} s CPU)"
+    )
+    print(f"  peak RSS              {s.peak_rss_mb:8.1f} MiB   (target < 300 MB)")
+    print(
+        f"  idle CPU              {s.idle_core_percent:8.1f} %     of one core over "
+        f"{s.idle_seconds:.0f} s (target < 5%)"
+    )
+    print(f"  idle GetRecords       {s.idle_get_records_per_second:8.1f} /s    ({calls})")
+    print(f"  RSS at end of idle    {s.idle_rss_mb:8.1f} MiB")
+
+
+def print_latency(runs: list[latency.Latency]) -> None:
+    targets = {"default": "<= 1.2 s", "low": "<= 0.3 s"}
+    header = (
+        f"{'latency':8} {'idle poll':>9} {'records':>8} {'p50 s':>7} {'p90 s':>7} "
+        f"{'p99 s':>7} {'max s':>7}  target p99"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        print(
+            f"{r.run:8} {r.idle_poll_interval_seconds:>8g}s {r.records:>8} "
+            f"{r.percentile(50):>7.3f} {r.percentile(90):>7.3f} {r.percentile(99):>7.3f} "
+            f"{r.percentile(100):>7.3f}  {targets.get(r.run, '')}"
+            + (f"  {r.records - r.written} NOT WRITTEN" if r.written != r.records else "")
+        )
+    print(
+        f"latency: PutRecords acknowledged -> BatchWriteItem answered by dynalite; "
+        f"{runs[0].shards} shards, {runs[0].rate:g} records/s for {runs[0].duration:g} s a run."
+    )
+
+
+def scale_summary(s: scale.Scale) -> dict[str, Any]:
+    prefix = f"scale_{s.shards}"
+    return {
+        f"{prefix}_peak_rss_mb": round(s.peak_rss_mb, 1),
+        f"{prefix}_idle_core_percent": round(s.idle_core_percent, 2),
+        f"{prefix}_idle_get_records_per_second": round(s.idle_get_records_per_second, 1),
+        prefix: s.figures(),
+    }
+
+
+def latency_summary(r: latency.Latency) -> dict[str, Any]:
+    prefix = f"latency_{r.run}"
+    return {
+        f"{prefix}_p50_s": round(r.percentile(50), 3),
+        f"{prefix}_p99_s": round(r.percentile(99), 3),
+        prefix: r.figures(),
+    }
 
 
 def summary(results: list[Result]) -> dict[str, Any]:

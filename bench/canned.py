@@ -5,17 +5,26 @@ counted against the service. One port answers both services (AWS JSON 1.0/1.1, d
 X-Amz-Target), without checking signatures:
 
 - Kinesis: DescribeStreamSummary, ListShards, GetShardIterator and GetRecords. Every stream has
-  the same 4 shards holding the same pre-built records (Shadowfax-shaped aggregates, base64 JSON,
-  56-digit sequence numbers), served in pages of `--page-size` records (or the call's Limit, if
-  smaller) with MillisBehindLatest > 0 while more remain; after the last record a shard answers
-  an empty page with MillisBehindLatest 0 and an iterator to the same spot, like a caught-up
-  open shard. A stream whose name ends in `-empty` has no records (to measure start-up alone).
+  the same `--shards` shards (default 4) holding the same pre-built records (Shadowfax-shaped
+  aggregates, base64 JSON, 56-digit sequence numbers), served in pages of `--page-size` records
+  (or the call's Limit, if smaller) with MillisBehindLatest > 0 while more remain; after the
+  last record a shard answers an empty page with MillisBehindLatest 0 and an iterator to the
+  same spot, like a caught-up open shard. A stream whose name ends in `-empty` has no records
+  (to measure start-up alone). With the default 4 shards a unicorn's records are on the shard
+  its name hashes to (bench/data.py `shard_of`); with any other number there are at least as
+  many unicorns as shards and unicorn u is on shard u mod N, so every shard holds its share.
+  `--record-bytes N` pads each record to about N bytes of JSON with a `Note` string of random
+  base64, different in every record (0, the default: the bare aggregates, ~170 bytes).
 - DynamoDB: DescribeTable (`Name` HASH S + `StatusTime` RANGE N for item tables; tables whose
   name starts with `leases` are lease tables, created by CreateTable), GetItem, PutItem,
   UpdateItem, Scan for the lease tables (in memory, conditions not checked: one worker), and
   BatchWriteItem answering `{"UnprocessedItems":{}}` and counting the items per table.
 - `GET /_stats` returns {"written": {table: items}, "batches": {table: BatchWriteItem calls},
-  "get_records": calls, "records_served": n}.
+  "get_records": calls, "records_served": n, "calls": {operation: calls}, "at_end": {lease
+  table: leases whose checkpoint is the last record of their shard}}.
+
+`canned_server(...)` runs this module as a child process and yields its endpoint;
+`canned_stats(endpoint)` reads `/_stats`.
 """
 
 from __future__ import annotations
@@ -24,26 +33,40 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
 
-from bench.data import SEQUENCE_BASE, SHARDS, aggregates, arrival, encode, shard_of
+from bench.data import SEQUENCE_BASE, SHARDS, UNICORNS, aggregates, arrival, encode, shard_of
 
 KINESIS_JSON = "application/x-amz-json-1.1"
 DYNAMODB_JSON = "application/x-amz-json-1.0"
 
 
 class Canned:
-    def __init__(self, records: int, page_size: int) -> None:
+    def __init__(
+        self, records: int, page_size: int, shards: int = SHARDS, record_bytes: int = 0
+    ) -> None:
         self.page_size = page_size
-        self.shards = [f"shardId-{i:012d}" for i in range(SHARDS)]
+        self.shards = [f"shardId-{i:012d}" for i in range(shards)]
         self.pages: list[list[bytes]] = [[] for _ in self.shards]
-        for record in aggregates(records):
-            shard = shard_of(record)
+        self.last: dict[str, str] = {}
+        """Shard id -> sequence number of its last record."""
+        unicorns = max(UNICORNS, shards)
+        rng = random.Random(11)
+        for n, record in enumerate(aggregates(records, unicorns)):
+            shard = shard_of(record) if shards == SHARDS else n % unicorns % shards
+            if record_bytes:
+                record = padded(record, record_bytes, rng)
             sequence = SEQUENCE_BASE + (shard << 100) + len(self.pages[shard]) * 2**20
             entry = {
                 "SequenceNumber": str(sequence),
@@ -52,15 +75,18 @@ class Canned:
                 "PartitionKey": record["Name"],
             }
             self.pages[shard].append(json.dumps(entry, separators=(",", ":")).encode())
+            self.last[self.shards[shard]] = entry["SequenceNumber"]
         self.lease_tables: dict[str, dict[str, dict[str, Any]]] = {}
         self.written: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.get_records = 0
         self.served = 0
+        self.calls: Counter[str] = Counter()
 
     async def handle(self, request: web.Request) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
         prefix, _, operation = target.partition(".")
+        self.calls[operation] += 1
         body = json.loads(await request.read() or b"{}")
         if prefix.startswith("Kinesis"):
             content_type = KINESIS_JSON
@@ -88,6 +114,16 @@ class Canned:
                 "batches": dict(self.batches),
                 "get_records": self.get_records,
                 "records_served": self.served,
+                "calls": dict(self.calls),
+                "at_end": {
+                    table: sum(
+                        1
+                        for key, lease in leases.items()
+                        if key in self.last
+                        and lease.get("checkpoint", {}).get("S") == self.last[key]
+                    )
+                    for table, leases in self.lease_tables.items()
+                },
             }
         )
 
@@ -250,6 +286,15 @@ def _error(content_type: str, status: int, code: str, message: str) -> web.Respo
     )
 
 
+def padded(record: dict[str, Any], size: int, rng: random.Random) -> dict[str, Any]:
+    """`record` with a `Note` of random base64 making its JSON about `size` bytes long."""
+    room = size - len(encode(record)) - len(',"Note":""')
+    if room <= 0:
+        return record
+    note = base64.b64encode(rng.randbytes(room * 3 // 4 + 3)).decode()[:room]
+    return {**record, "Note": note}
+
+
 def make_iterator(stream: str, index: int, offset: int) -> str:
     raw = f"{stream}\x00{index}\x00{offset}".encode()
     # Real iterators are ~200 opaque characters; pad to a similar size.
@@ -261,8 +306,8 @@ def parse_iterator(iterator: str) -> tuple[str, int, int]:
     return stream, int(index), int(offset)
 
 
-async def serve(records: int, page_size: int, port: int) -> None:
-    canned = Canned(records, page_size)
+async def serve(args: argparse.Namespace) -> None:
+    canned = Canned(args.records, args.page_size, args.shards, args.record_bytes)
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/_stats", canned.stats)
     app.router.add_post("/{tail:.*}", canned.handle)
@@ -270,7 +315,7 @@ async def serve(records: int, page_size: int, port: int) -> None:
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind(("127.0.0.1", args.port))
     site = web.SockSite(runner, sock, backlog=1024)
     await site.start()
     print(sock.getsockname()[1], flush=True)
@@ -282,18 +327,52 @@ async def serve(records: int, page_size: int, port: int) -> None:
     await runner.cleanup()
 
 
+@contextmanager
+def canned_server(
+    records: int, page_size: int, shards: int = SHARDS, record_bytes: int = 0
+) -> Iterator[str]:
+    """This endpoint in a process of its own; yields its URL, stops it on exit."""
+    command = [sys.executable, "-m", "bench.canned", "--records", str(records)]
+    command += ["--page-size", str(page_size)]
+    if shards != SHARDS:
+        command += ["--shards", str(shards)]
+    if record_bytes:
+        command += ["--record-bytes", str(record_bytes)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"canned endpoint did not start (exit code {process.wait()})")
+        yield f"http://127.0.0.1:{line}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def canned_stats(endpoint: str) -> dict[str, Any]:
+    """The endpoint's `/_stats`."""
+    with urllib.request.urlopen(f"{endpoint}/_stats", timeout=10) as response:
+        stats: dict[str, Any] = json.load(response)
+        return stats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=SHARDS, help="shards of every stream")
+    parser.add_argument(
+        "--record-bytes", type=int, default=0, help="pad records to about this size (0: no pad)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.records, args.page_size, args.port))
+        asyncio.run(serve(args))
     else:
-        uvloop.run(serve(args.records, args.page_size, args.port))
+        uvloop.run(serve(args))
 
 
 if __name__ == "__main__":

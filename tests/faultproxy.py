@@ -16,6 +16,7 @@ import asyncio
 import gzip
 import io
 import json
+import time
 import uuid
 import zlib
 from collections import Counter
@@ -132,6 +133,8 @@ class FaultProxy:
         x-amz-crc32 computed over the compressed bytes."""
         self.compressed = 0
         """Responses sent gzip-compressed."""
+        self.first_written: dict[tuple[str, str], float] = {}
+        """time.monotonic() when DynamoDB first answered 200 to a write of each item, by key."""
         self._rules: list[_Rule] = []
         self._delays: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -259,6 +262,7 @@ class FaultProxy:
 
     def _record_writes(self, body: bytes, payload: bytes) -> None:
         """Count every item DynamoDB took, by key, to find the same item written twice."""
+        now = time.monotonic()
         unprocessed = json.loads(payload).get("UnprocessedItems", {})
         left = {
             json.dumps(w["PutRequest"]["Item"], sort_keys=True)
@@ -272,6 +276,7 @@ class FaultProxy:
                     status_time = item["StatusTime"]
                     key = (item["Name"]["S"], status_time.get("N") or status_time.get("S"))
                     self.item_writes[key] += 1
+                    self.first_written.setdefault(key, now)
 
     async def _forward(
         self, request: web.Request, body: bytes
