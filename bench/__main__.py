@@ -124,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--page-size", type=int, default=1000, help="records per canned GetRecords page"
     )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of the throughput runs (the service runs on uvloop)",
+    )
     parser.add_argument("--limit", type=int, default=10000, help="GetRecords Limit")
     parser.add_argument(
         "--set",
@@ -164,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown contender {contender!r}: one of {', '.join(CONTENDERS)}")
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    common = {"limit": args.limit, "settings": overrides}
+    common = {"limit": args.limit, "settings": overrides, "loop": args.loop}
     results: list[Result] = []
     if args.records > 0:
         results += run_canned(contenders, args.records, args.page_size, common, args.profile)
