@@ -193,12 +193,14 @@ class Signer:
         self.host: str = _host_from_url(url)
         self.path: str = SigV4Auth(None, service, region)._normalize_url_path(urlsplit(url).path)
         self._keys: dict[tuple[str, str], bytes] = {}
+        self._second = -1
+        self._amz_date = ""
 
     def headers(
         self, credentials: Any, target: str, body: bytes, timestamp: str | None = None
     ) -> dict[str, str]:
         """The request's headers, Authorization included; `timestamp` as YYYYMMDDTHHMMSSZ."""
-        amz_date = timestamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        amz_date = timestamp or self._now()
         date = amz_date[:8]
         token: str | None = credentials.token
         canonical_headers = (
@@ -221,7 +223,7 @@ class Signer:
             f"{hashlib.sha256(canonical.encode()).hexdigest()}"
         )
         key = self._signing_key(credentials.secret_key, date)
-        signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.digest(key, string_to_sign.encode(), "sha256").hex()
         headers = {
             "Content-Type": self.content_type,
             "X-Amz-Target": target,
@@ -237,6 +239,14 @@ class Signer:
         if token:
             headers["X-Amz-Security-Token"] = token
         return headers
+
+    def _now(self) -> str:
+        """The current time as YYYYMMDDTHHMMSSZ, formatted once a second."""
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+        return self._amz_date
 
     def _signing_key(self, secret: str, date: str) -> bytes:
         key = self._keys.get((secret, date))
