@@ -489,6 +489,28 @@ async def test_cancelled_call_frees_its_connection() -> None:
     assert server.connections == 2
 
 
+async def test_callers_cancelled_while_waiting_for_a_connection_leave_the_pool_whole() -> None:
+    async def slow_echo(server: Server, peer: Peer) -> None:
+        while (request := await server.request(peer)) is not None:
+            await asyncio.sleep(0.05)
+            await peer.answer(request[1])
+
+    async with pool_for(slow_echo, limit=1) as (server, pool):
+        first = asyncio.create_task(pool.post(HEADERS, b"first"))
+        waiting = [asyncio.create_task(pool.post(HEADERS, b"%d" % n)) for n in range(5)]
+        await asyncio.sleep(0.01)
+        for task in waiting[::2]:
+            task.cancel()
+        assert (await first).body == b"first"
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert [r.body for r in results[1::2]] == [b"1", b"3"]  # type: ignore[union-attr]
+        assert all(isinstance(r, asyncio.CancelledError) for r in results[::2])
+        assert (await pool.post(HEADERS, b"last")).body == b"last"
+        assert pool.open_connections == 1
+
+    assert server.connections == 1
+
+
 async def test_large_body_written_under_flow_control() -> None:
     size = 16 * 2**20
 
@@ -568,6 +590,7 @@ ON_UVLOOP = [
     test_pool_limit_holds_under_concurrency,
     test_pool_limit_holds_when_connections_keep_closing,
     test_cancelled_call_frees_its_connection,
+    test_callers_cancelled_while_waiting_for_a_connection_leave_the_pool_whole,
     test_large_body_written_under_flow_control,
     test_keep_alive_with_aiohttp_web_server,
     test_closed_pool_refuses_calls,

@@ -38,6 +38,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -185,7 +186,8 @@ class Http1Pool:
                     else:
                         self._release(got, True)
                 else:
-                    self._waiters.remove(waiter)
+                    with suppress(ValueError):  # unless passed over already, as cancelled
+                        self._waiters.remove(waiter)
                 raise
             if handed is not None:
                 return handed
