@@ -8,11 +8,15 @@ is aiohttp's web server, as a well-behaved peer.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -94,6 +98,10 @@ class Server:
             await self.handler(self, Peer(reader, writer))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only stop() cancels; ending quietly spares a log line from asyncio's streams
+            # (on 3.11 they call exception() on a cancelled handler task).
+            pass
         finally:
             self.open -= 1
             self.tasks.discard(task)
@@ -106,6 +114,13 @@ class Server:
         if request is not None:
             self.requests += 1
         return request
+
+    async def stop(self, server: asyncio.Server) -> None:
+        server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await server.wait_closed()
 
     @property
     def url(self) -> str:
@@ -120,11 +135,7 @@ async def serving(handler: Handler) -> AsyncIterator[Server]:
     try:
         yield state
     finally:
-        server.close()
-        for task in list(state.tasks):
-            task.cancel()
-        await asyncio.gather(*state.tasks, return_exceptions=True)
-        await server.wait_closed()
+        await state.stop(server)
 
 
 @asynccontextmanager
@@ -530,6 +541,68 @@ async def test_large_body_written_under_flow_control() -> None:
     assert answer.body == b'{"received":%d}' % size
 
 
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_server_and_keeps_connections_alive(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    state = Server(echo)
+    server = await asyncio.start_server(state.serve, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    trusting = Http1Pool(
+        f"https://127.0.0.1:{port}/", ssl_context=ssl.create_default_context(cafile=cert)
+    )
+    default = Http1Pool(f"https://127.0.0.1:{port}/")  # the system's CAs: not this one
+    try:
+        for n in range(5):
+            assert (await trusting.post(HEADERS, b"%d" % n)).body == b"%d" % n
+        with pytest.raises(aiohttp.ClientOSError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            await default.post(HEADERS, b"{}")
+    finally:
+        await trusting.close()
+        await default.close()
+        await state.stop(server)
+
+    assert state.requests == 5
+    assert state.connections == 1  # kept alive (the refused handshake never reached it)
+    assert is_transient(caught.value)
+
+
 async def test_keep_alive_with_aiohttp_web_server() -> None:
     peers: set[Any] = set()
 
@@ -601,3 +674,8 @@ ON_UVLOOP = [
 def test_on_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
     uvloop = pytest.importorskip("uvloop")
     uvloop.run(scenario())
+
+
+def test_https_on_uvloop(tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(test_https_verifies_the_server_and_keeps_connections_alive(tmp_path))
