@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +23,7 @@ from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import ClientError
 
 from tests.helpers import put_records, scan_table
+from tests.test_http1 import self_signed
 from wildrydes_stream.awsjson import DynamoDBData, KinesisData, Signer
 from wildrydes_stream.config import Settings
 from wildrydes_stream.retry import error_code, fault_of, is_transient
@@ -220,26 +223,33 @@ Answer = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @asynccontextmanager
-async def endpoint(answer: Answer) -> AsyncIterator[str]:
+async def endpoint(answer: Answer, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.Server)
+    scheme = "https" if tls else "http"
     try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        yield f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         await runner.cleanup()
 
 
 @asynccontextmanager
-async def dynamodb_at(url: str, http1: bool, **config: Any) -> AsyncIterator[DynamoDBData]:
+async def dynamodb_at(
+    url: str, http1: bool, verify: bool | str | None = None, **config: Any
+) -> AsyncIterator[DynamoDBData]:
     session = get_session()
     async with session.create_client(
-        "dynamodb", region_name="us-east-1", endpoint_url=url, config=AioConfig(**config)
+        "dynamodb",
+        region_name="us-east-1",
+        endpoint_url=url,
+        config=AioConfig(**config),
+        verify=verify,
     ) as wrapped:
         credentials = await session.get_credentials()
         async with DynamoDBData(wrapped, credentials, http1=http1) as client:
@@ -355,3 +365,20 @@ async def test_a_configured_proxy_keeps_the_aiohttp_path() -> None:
         assert await client.batch_write_item(**BATCH) == {"UnprocessedItems": {}}
 
     assert targets == [upstream + "/"]
+
+
+@pytest.mark.usefixtures("credentials_env")
+async def test_https_verifies_like_the_wrapped_client(http1: bool, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    answer = _answer(b'{"UnprocessedItems":{}}')
+    async with endpoint(answer, tls) as url:
+        for verify in (str(cert), False):  # its CA bundle; no verification
+            async with dynamodb_at(url, http1, verify=verify) as client:
+                assert await client.batch_write_item(**BATCH) == {"UnprocessedItems": {}}
+        async with dynamodb_at(url, http1) as client:  # the default bundle: not this server
+            with pytest.raises(aiohttp.ClientError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+                await client.batch_write_item(**BATCH)
+
+    assert fault_of(caught.value) == "transient"

@@ -541,7 +541,7 @@ async def test_large_body_written_under_flow_control() -> None:
     assert answer.body == b'{"received":%d}' % size
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
+def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, as PEM files."""
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.hazmat.primitives import hashes, serialization
@@ -578,7 +578,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 async def test_https_verifies_the_server_and_keeps_connections_alive(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     state = Server(echo)
