@@ -24,7 +24,8 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
-from bench.__main__ import canned_server, endpoints
+from bench.__main__ import endpoints
+from bench.canned import canned_server
 from wildrydes_stream.aws import DATA_PATH
 from wildrydes_stream.awsjson import DynamoDBData, KinesisData
 
