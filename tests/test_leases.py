@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.faultproxy import DYNAMODB_INTERNAL, DYNAMODB_THROTTLED, FaultProxy
 from tests.helpers import holds, put_records, scan_table, unicorn_records, wait_for
 from wildrydes_stream.checkpoint.balancing import fair_share, lease_to_steal
 from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
@@ -268,3 +269,23 @@ async def test_a_rebalance_hands_shards_over_without_writing_anything_twice(
     # Counted at the DynamoDB endpoint: every item exactly once, through the hand-offs.
     assert len(dynamodb_proxy.item_writes) == len(records)
     assert max(dynamodb_proxy.item_writes.values()) == 1
+
+
+async def test_lease_renewals_ride_out_throttling_and_5xx_without_losing_the_lease(
+    one_shard: Settings, dynamodb_proxy: FaultProxy, dynamodb: Any
+) -> None:
+    # Renewals go over the lean client, which has no botocore retries of its own: four
+    # failures in a row would be four beats without a renewal, past this lease duration, and
+    # the holder would stop reading its own shard.
+    settings = one_shard.replace(lease_duration_seconds=3.0, worker_id="holder")
+    reader = LeaseTable(dynamodb, settings.lease_table_name, "reader")
+    async with Service(settings) as holder:
+        (shard,) = _owned(holder)
+        before = await _counter(reader, shard)
+        dynamodb_proxy.fail("UpdateItem", DYNAMODB_THROTTLED, times=2)
+        dynamodb_proxy.fail("UpdateItem", DYNAMODB_INTERNAL, times=2)
+        await wait_for(lambda: _counter_above(reader, shard, before + 4), timeout=20)
+        assert dynamodb_proxy.injected["UpdateItem"] == 4
+        assert holder.supervisor is not None
+        assert holder.supervisor.history == [("start", shard)]  # never dropped, never retaken
+        assert _owned(holder) == {shard}

@@ -259,12 +259,26 @@ class Signer:
 
 
 class DynamoDBData(AwsJsonClient):
-    """BatchWriteItem on the fast path; every other DynamoDB call goes to the wrapped client."""
+    """BatchWriteItem on the fast path; every other DynamoDB call goes to the wrapped client.
+
+    `lease_update` and `lease_scan` are the lease table's frequent calls (a renewal per lease
+    every few seconds, a scan a second) on the same fast path. Their answers are the wire
+    format: binary attributes come back as base64 text, where botocore gives bytes."""
 
     async def batch_write_item(self, **params: Any) -> dict[str, Any]:
         """Same parameters and answer as botocore's (items already in wire format)."""
         response: dict[str, Any] = await self.call("BatchWriteItem", _dumps(params))
         response.setdefault("UnprocessedItems", {})
+        return response
+
+    async def lease_update(self, **params: Any) -> dict[str, Any]:
+        """UpdateItem: botocore's parameters (bytes for binary values)."""
+        response: dict[str, Any] = await self.call("UpdateItem", _dumps(params))
+        return response
+
+    async def lease_scan(self, **params: Any) -> dict[str, Any]:
+        """Scan: one page, botocore's parameters."""
+        response: dict[str, Any] = await self.call("Scan", _dumps(params))
         return response
 
 

@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
 from wildrydes_stream.aws import AwsClients
+from wildrydes_stream.awsjson import DynamoDBData
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.leases import LeaseTable
 from wildrydes_stream.config import Settings
@@ -162,8 +163,13 @@ class Consumer:
             await self._check_stream(clients)
             await self.application.check(clients)
             await deadletters.check()
+            lean = clients.dynamodb_data
             leases = LeaseTable(
-                clients.dynamodb_control, s.lease_table_name, s.owner, _at_timestamp_ms(s)
+                clients.dynamodb_control,
+                s.lease_table_name,
+                s.owner,
+                _at_timestamp_ms(s),
+                fast=lean if isinstance(lean, DynamoDBData) else None,
             )
             await leases.ensure_table()
             self.sink = self.application.sink(

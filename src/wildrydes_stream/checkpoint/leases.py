@@ -14,15 +14,18 @@ new LATEST, which would skip whatever arrived while the lease moved.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from botocore.exceptions import ClientError
 
+from wildrydes_stream.awsjson import DynamoDBData
 from wildrydes_stream.errors import LeaseLostError
+from wildrydes_stream.retry import backoff_delay, fault_of
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +82,23 @@ def _is_conditional_failure(exc: ClientError) -> bool:
 
 class LeaseTable:
     def __init__(
-        self, client: Any, table_name: str, owner: str, at_timestamp_ms: int | None = None
+        self,
+        client: Any,
+        table_name: str,
+        owner: str,
+        at_timestamp_ms: int | None = None,
+        *,
+        fast: DynamoDBData | None = None,
     ) -> None:
         self._client = client
         self.table_name = table_name
         self.owner = owner
         self._at_timestamp_ms = at_timestamp_ms
         """The configured AT_TIMESTAMP start, recorded on leases that start there."""
+        self._fast = fast
+        """The lean client for the frequent calls (renewals, checkpoints, the scan a second):
+        through botocore, each renewal cost about a millisecond of CPU, and a worker with 256
+        shards renews 77 leases a second. Retried here as botocore's standard mode would."""
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
@@ -128,14 +141,29 @@ class LeaseTable:
         table (multi-stream leases `account:stream:epoch:shardId`, KCL 3 `entityType` items)
         are skipped: never read as shards, never deleted."""
         leases: dict[str, Lease] = {}
-        paginator = self._client.get_paginator("scan")
-        async for page in paginator.paginate(TableName=self.table_name, ConsistentRead=True):
-            for item in page.get("Items", []):
+        async for items in self._scan():
+            for item in items:
                 if not is_shard_lease(item):
                     continue
                 lease = _from_item(item)
                 leases[lease.shard_id] = lease
         return leases
+
+    async def _scan(self) -> AsyncIterator[list[dict[str, Any]]]:
+        params: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True}
+        fast = self._fast
+        if fast is None:
+            paginator = self._client.get_paginator("scan")
+            async for page in paginator.paginate(**params):
+                yield page.get("Items", [])
+            return
+        while True:
+            page = await _retried(lambda: fast.lease_scan(**params))
+            yield page.get("Items", [])
+            last = page.get("LastEvaluatedKey")
+            if not last:
+                return
+            params["ExclusiveStartKey"] = last
 
     async def note_children(self, shard_id: str, children: list[str]) -> None:
         """Write `childShardIds` on a finished shard's lease, as KCL does, so a KCL worker
@@ -387,20 +415,25 @@ class LeaseTable:
         """An update conditional on our ownership at the counter last seen."""
         extra: dict[str, Any] = {"ExpressionAttributeNames": names} if names else {}
         sent = time.monotonic()
+        params = {
+            "TableName": self.table_name,
+            "Key": {"leaseKey": {"S": lease.shard_id}},
+            "UpdateExpression": expression,
+            "ConditionExpression": "leaseOwner = :me AND leaseCounter = :seen",
+            "ExpressionAttributeValues": {
+                **values,
+                ":me": {"S": self.owner},
+                ":next": {"N": str(lease.counter + 1)},
+                ":seen": {"N": str(lease.counter)},
+            },
+            **extra,
+        }
+        fast = self._fast
         try:
-            await self._client.update_item(
-                TableName=self.table_name,
-                Key={"leaseKey": {"S": lease.shard_id}},
-                UpdateExpression=expression,
-                ConditionExpression="leaseOwner = :me AND leaseCounter = :seen",
-                ExpressionAttributeValues={
-                    **values,
-                    ":me": {"S": self.owner},
-                    ":next": {"N": str(lease.counter + 1)},
-                    ":seen": {"N": str(lease.counter)},
-                },
-                **extra,
-            )
+            if fast is None:
+                await self._client.update_item(**params)
+            else:
+                await _retried(lambda: fast.lease_update(**params))
         except ClientError as exc:
             if _is_conditional_failure(exc):
                 raise LeaseLostError(lease.shard_id) from None
@@ -441,6 +474,23 @@ def _consume(task: asyncio.Future[None]) -> None:
         log.debug("abandoned lease write failed", exc_info=task.exception())
 
 
+# botocore's standard retry mode, for the calls on the lean client: 5 attempts in all, with
+# full-jitter backoff, for throttling, 5xx and network faults only.
+LEAN_ATTEMPTS: Final = 5
+
+
+async def _retried(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    attempt = 1
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt >= LEAN_ATTEMPTS or fault_of(exc) not in ("throttle", "transient"):
+                raise
+            await asyncio.sleep(backoff_delay(attempt, 0.05, 1.0))
+            attempt += 1
+
+
 def is_shard_lease(item: dict[str, Any]) -> bool:
     """A single-stream lease (its key a shard id), not another item a KCL application keeps."""
     key = item.get("leaseKey", {}).get("S", "")
@@ -460,5 +510,12 @@ def _from_item(item: dict[str, Any]) -> Lease:
         subsequence=int(item.get("checkpointSubSequenceNumber", {}).get("N", "0")),
         children=tuple(sorted(item.get("childShardIds", {}).get("SS", []))),
         checkpoint_owner=item.get("checkpointOwner", {}).get("S"),
-        state=item.get("wildrydesState", {}).get("B"),
+        state=_binary(item.get("wildrydesState", {}).get("B")),
     )
+
+
+def _binary(value: bytes | str | None) -> bytes | None:
+    """A binary attribute as botocore gives it (bytes) or as the wire has it (base64)."""
+    if isinstance(value, str):
+        return base64.b64decode(value)
+    return value
