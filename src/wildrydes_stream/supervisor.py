@@ -565,9 +565,15 @@ class ShardSupervisor:
                 await task
 
     async def release_all(self) -> None:
+        """Release every lease held. One being handed over is handed over instead, to its end:
+        also one whose release is refused because a hand-off was asked of this worker and not
+        noticed yet (else its new owner would wait handoff_timeout_seconds for it)."""
         for owned in list(self.owned.values()):
             try:
-                await self._leases.release(owned.lease)
+                if not owned.handing_off and not await self._leases.release(owned.lease):
+                    await self._lost(owned)
+                if owned.hand_off is not None:
+                    await owned.hand_off
             except Exception:
                 log.exception("could not release lease", extra={"shard": owned.shard_id})
             self._forget(owned)
