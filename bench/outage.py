@@ -24,27 +24,11 @@ from typing import Any
 
 from tests.faultproxy import DYNAMODB_UNAVAILABLE, FaultProxy
 from tests.process import ServiceProcess
+from tests.replicas_support import record
 from tests.test_process import metric_total
 
 from bench.emulated import emulated
 from wildrydes_stream.config import Settings
-
-UNICORNS = 60
-
-
-def record(n: int) -> dict[str, Any]:
-    """The n-th aggregate: one a minute per unicorn, so every key is distinct."""
-    minute = n // UNICORNS
-    return {
-        "Name": f"Unicorn{n % UNICORNS:02d}",
-        "StatusTime": f"2016-02-{12 + minute // 1440:02d} "
-        f"{minute // 60 % 24:02d}:{minute % 60:02d}:00.000",
-        "Distance": 1000 + n % 500,
-        "MinMagicPoints": 100,
-        "MaxMagicPoints": 150,
-        "MinHealthPoints": 120,
-        "MaxHealthPoints": 150,
-    }
 
 
 def count_lines(path: Path) -> int:

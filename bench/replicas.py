@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tests.faultproxy import FaultProxy
-from tests.process import ServiceProcess
-from tests.test_process import metric_total
+from tests.replicas_support import Producer, Replicas, Reports, all_read, even, writes_again
 
 from bench.emulated import emulated
-from bench.outage import record
 from wildrydes_stream.config import Settings
 
 
@@ -36,109 +34,73 @@ class Drill:
     def __init__(self, args: argparse.Namespace, proxy: FaultProxy, env: dict[str, str]):
         self.args = args
         self.proxy = proxy
-        self.env = env
-        self.replicas: dict[str, ServiceProcess] = {}
-        self.produced = 0
+        self.replicas = Replicas(env)
         self.rows: list[dict[str, Any]] = []
 
-    async def start(self, name: str) -> None:
-        env = {**self.env, "WILDRYDES_WORKER_ID": name}
-        child = await ServiceProcess.start(env, "run")
-        await child.started()
-        self.replicas[name] = child
-
-    async def owned(self) -> dict[str, float]:
-        counts = {}
-        for name, child in self.replicas.items():
-            status, text = await child.get("/metrics")
-            if status == 200:
-                counts[name] = metric_total(text, "wildrydes_shards_owned")
-        return counts
-
-    async def until(self, condition: Any, timeout: float = 120.0) -> float:
-        """Seconds until `condition(owned counts)` holds (inf after `timeout`)."""
+    async def until(self, condition: Callable[[Reports], bool], timeout: float = 120.0) -> float:
+        """Seconds until `condition(reports)` holds (inf after `timeout`)."""
         began = time.monotonic()
-        while time.monotonic() - began < timeout:
-            if condition(await self.owned()):
-                return time.monotonic() - began
-            await asyncio.sleep(0.1)
-        return math.inf
+        try:
+            await self.replicas.until(condition, timeout, interval=0.1)
+        except TimeoutError:
+            return math.inf
+        return time.monotonic() - began
 
-    def even(self, counts: dict[str, float]) -> bool:
-        shards = self.args.shards
-        if sum(counts.values()) != shards or not counts:
-            return False
-        return max(counts.values()) - min(counts.values()) <= 1
+    def even(self, reports: Reports) -> bool:
+        return even(reports, self.args.shards)
 
-    async def phase(self, name: str, action: Any, condition: Any, settle: float) -> None:
+    def all_read(self, reports: Reports) -> bool:
+        return all_read(reports, self.args.shards)
+
+    async def phase(
+        self,
+        name: str,
+        action: Callable[[], Awaitable[None]],
+        condition: Callable[[Reports], bool],
+        settle: float,
+    ) -> None:
         before = Counter(self.proxy.item_writes)
-        seconds = await action()
+        await action()
         waited = await self.until(condition)
         # Let what was read during the phase be written before counting it.
         await asyncio.sleep(settle)
-        during = self.proxy.item_writes - before
-        duplicates = sum(count - 1 for count in during.values() if count > 1)
-        duplicates += sum(1 for key, count in during.items() if count and before.get(key))
+        duplicates = writes_again(self.proxy.item_writes, before)
         row = {
             "phase": name,
             "duplicate_item_writes": duplicates,
-            "seconds_until_all_read": round((seconds or 0) + waited, 1),
+            "seconds_until_all_read": round(waited, 1),
         }
         self.rows.append(row)
         print(f"  {name:38} duplicates {duplicates:>5}   seconds {row['seconds_until_all_read']}")
 
     async def run(self, kinesis: Any, settings: Settings) -> None:
         args = self.args
-        stop = asyncio.Event()
-        producer = asyncio.create_task(self.produce(kinesis, settings.stream_name, stop))
+        producer = Producer(kinesis, settings.stream_name, args.rate)
+        producer.start()
         names = [f"replica-{i}" for i in range(args.replicas)]
 
-        async def start_all() -> float:
-            await asyncio.gather(*(self.start(name) for name in names))
-            return 0.0
+        async def start_all() -> None:
+            await self.replicas.start(*names)
 
         await self.phase(f"{args.replicas} replicas start together", start_all, self.even, 5)
 
-        async def sigterm() -> float:
-            child = self.replicas.pop(names[0])
-            child.send(signal.SIGTERM)
+        async def sigterm() -> None:
             began = time.monotonic()
-            await child.wait(timeout=60)
+            await self.replicas.stop(names[0], signal.SIGTERM)
             print(f"    (drain and exit took {time.monotonic() - began:.1f} s)")
-            return 0.0
 
         await self.phase("SIGTERM one replica", sigterm, self.all_read, 5)
 
-        async def sigkill() -> float:
-            child = self.replicas.pop(names[1])
-            child.send(signal.SIGKILL)
-            await child.wait(timeout=30)
-            return 0.0
+        async def sigkill() -> None:
+            await self.replicas.stop(names[1], signal.SIGKILL)
 
         await self.phase("kill -9 one replica", sigkill, self.all_read, 5)
 
-        async def comes_back() -> float:
-            await self.start(names[0])
-            return 0.0
+        async def comes_back() -> None:
+            await self.replicas.start(names[0])
 
         await self.phase("a replica comes back (rebalance)", comes_back, self.even, 5)
-        stop.set()
-        await producer
-        for child in self.replicas.values():
-            await child.close()
-
-    def all_read(self, counts: dict[str, float]) -> bool:
-        return bool(sum(counts.values()) == self.args.shards)
-
-    async def produce(self, kinesis: Any, stream: str, stop: asyncio.Event) -> None:
-        per_tick = max(1, int(self.args.rate / 10))
-        while not stop.is_set():
-            batch = [record(self.produced + i) for i in range(per_tick)]
-            entries = [{"Data": json.dumps(r).encode(), "PartitionKey": r["Name"]} for r in batch]
-            await kinesis.put_records(StreamName=stream, Records=entries)
-            self.produced += per_tick
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
+        await producer.stop()
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -147,8 +109,7 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             await drill.run(where.kinesis, where.settings)
         finally:
-            for child in drill.replicas.values():
-                await child.close()
+            await drill.replicas.close()
     print(json.dumps({"replicas": args.replicas, "shards": args.shards, "phases": drill.rows}))
     return 0
 

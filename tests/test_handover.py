@@ -399,3 +399,29 @@ async def test_a_stopping_replica_keeps_its_leases_through_a_long_drain_and_hand
     await wait_for(written(second, len(put) - on_mine), timeout=30)
     assert await table_keys(dynamodb, settings) == keys_of(batch)
     assert drain > duration, drain  # long enough for the leases to expire had they not renewed
+
+
+async def test_a_replica_stopped_before_it_noticed_a_hand_off_hands_the_lease_over(
+    one_shard: Settings, kinesis: Any, dynamodb: Any
+) -> None:
+    # Asked to hand a shard over (KCL 3's checkpointOwner) and stopped before its next look at
+    # the lease table, with nothing read since its last checkpoint: its release is refused
+    # (the lease names the new owner already), so it finishes the hand-off instead. Left with
+    # checkpointOwner set, the shard would go unread for handoff_timeout_seconds.
+    settings = one_shard.replace(
+        worker_id="giver", lease_poll_interval_seconds=60.0, lease_duration_seconds=60.0
+    )
+    put = await put_records(kinesis, settings.stream_name, records(range(0, 5)))
+    (last,) = last_per_shard(put).values()
+    receiver = LeaseTable(dynamodb, settings.lease_table_name, "receiver")
+    async with Service(settings) as giver:
+        (shard,) = owned(giver)
+
+        async def checkpointed() -> bool:
+            return (await lease_of(dynamodb, settings, shard)).checkpoint == str(last)
+
+        await wait_for(checkpointed)
+        assert await receiver.hand_over(await lease_of(dynamodb, settings, shard))
+
+    lease = await lease_of(dynamodb, settings, shard)
+    assert (lease.owner, lease.checkpoint_owner, lease.checkpoint) == ("receiver", None, str(last))

@@ -139,6 +139,29 @@ async def test_an_expired_lease_is_taken_over(
         await wait_for(lambda: _count(dynamodb, settings, len(records)))
 
 
+async def test_a_lease_handed_over_is_read_even_once_its_new_owner_took_its_share_of_free_ones(
+    resources: Settings, kinesis: Any, dynamodb: Any
+) -> None:
+    # A finished hand-off leaves the lease naming its new owner, who reads it at its next
+    # look. Meanwhile free leases may have come up (a replica stopped): taking those must not
+    # use up the share so that the lease handed over is never read (nobody else takes it, it
+    # names a live worker). In shard order: 0 held by a live worker, 1 and 2 free, 3 handed
+    # over to "w"; w's share is 2 of the 4.
+    settings = resources.replace(worker_id="w", lease_duration_seconds=60.0)
+    listed = await kinesis.list_shards(StreamName=settings.stream_name)
+    shards = sorted(shard["ShardId"] for shard in listed["Shards"])
+    other = LeaseTable(dynamodb, settings.lease_table_name, "other")
+    await other.ensure_table()
+    assert await other.acquire(shards[0], (), "TRIM_HORIZON", _always) is not None
+    handed = LeaseTable(dynamodb, settings.lease_table_name, "w")
+    assert await handed.acquire(shards[3], (), "TRIM_HORIZON", _always) is not None
+
+    async with Service(settings) as w:
+        await wait_for(holds(lambda: shards[3] in _owned(w)), timeout=10)
+        await wait_for(holds(lambda: len(_owned(w)) == 2), timeout=10)
+        assert shards[0] not in _owned(w)
+
+
 async def _split_evenly(first: Service, second: Service) -> bool:
     mine, theirs = _owned(first), _owned(second)
     return len(mine) == len(theirs) == 2 and mine.isdisjoint(theirs)

@@ -183,12 +183,16 @@ class ShardSupervisor:
             shards, finished, leases.keys(), skip_unleased_closed=configured == LATEST
         )
         budget = self._budget_of_takes(readable, leases)
+        taken = 0
         for shard in readable:
-            if len(started) >= budget:
-                break
             if shard.shard_id in self.owned or self._stopping.is_set():
                 continue
             scanned = leases.get(shard.shard_id)
+            # A lease naming this worker (handed over to it, or held before a restart) is read
+            # whatever the budget: nobody else takes it while this worker is alive.
+            ours = scanned is not None and scanned.owner == self._leases.owner
+            if not ours and taken >= budget:
+                continue
             if scanned is not None and self._held_by_other(scanned):
                 continue  # a live worker has it: no need to read it again
             initial = starting_position(shard, leases.keys(), configured)
@@ -200,6 +204,7 @@ class ShardSupervisor:
             parents = [leases[p] for p in shard.parents if p in leases]
             self._start(lease, [p.state for p in parents if p.state is not None])
             started.append(shard.shard_id)
+            taken += not ours
         # Balancing only once every readable shard has a live owner: while some are free,
         # taking those is the way to an even spread.
         claimed = [leases.get(shard.shard_id) for shard in readable]
@@ -565,9 +570,15 @@ class ShardSupervisor:
                 await task
 
     async def release_all(self) -> None:
+        """Release every lease held. One being handed over is handed over instead, to its end:
+        also one whose release is refused because a hand-off was asked of this worker and not
+        noticed yet (else its new owner would wait handoff_timeout_seconds for it)."""
         for owned in list(self.owned.values()):
             try:
-                await self._leases.release(owned.lease)
+                if not owned.handing_off and not await self._leases.release(owned.lease):
+                    await self._lost(owned)
+                if owned.hand_off is not None:
+                    await owned.hand_off
             except Exception:
                 log.exception("could not release lease", extra={"shard": owned.shard_id})
             self._forget(owned)

@@ -456,8 +456,9 @@ class LeaseTable:
             raise
         return True
 
-    async def release(self, lease: Lease) -> None:
-        """Give the lease up so another worker can take it at once."""
+    async def release(self, lease: Lease) -> bool:
+        """Give the lease up so another worker can take it at once; False when this worker no
+        longer held it (taken, or a hand-off asked of it)."""
 
         async def write() -> None:
             await self._owned_update(lease, "REMOVE leaseOwner SET leaseCounter = :next", {})
@@ -466,7 +467,8 @@ class LeaseTable:
         try:
             await self._serialized(lease, write)
         except LeaseLostError:
-            log.warning("lease already taken on release", extra={"shard": lease.shard_id})
+            return False
+        return True
 
 
 def _consume(task: asyncio.Future[None]) -> None:
