@@ -32,9 +32,9 @@ from typing import Any
 
 from tests.faultproxy import FaultProxy
 from tests.process import ServiceProcess
+from tests.replicas_support import record
 
 from bench.emulated import emulated
-from bench.outage import record
 from wildrydes_stream.config import Settings
 from wildrydes_stream.records import status_time_to_epoch_ms
 
