@@ -127,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--page-size", type=int, default=1000, help="records per canned GetRecords page"
     )
     parser.add_argument(
+        "--record-bytes",
+        type=int,
+        default=0,
+        help="pad each canned record to about this many bytes (default: aggregates, ~160 B)",
+    )
+    parser.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -175,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {"limit": args.limit, "settings": overrides, "loop": args.loop}
     results: list[Result] = []
     if args.records > 0:
-        results += run_canned(contenders, args.records, args.page_size, common, args.profile)
+        results += run_canned(
+            contenders, args.records, args.page_size, common, args.profile, args.record_bytes
+        )
     if args.emulator_records > 0:
         results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
     ok = all(r.written == r.records for r in results)
@@ -231,9 +239,10 @@ def run_canned(
     page_size: int,
     common: dict[str, Any],
     profile: str | None,
+    record_bytes: int = 0,
 ) -> list[Result]:
     results = []
-    with canned_server(records, page_size) as endpoint:
+    with canned_server(records, page_size, record_bytes=record_bytes) as endpoint:
         env = endpoints(endpoint, endpoint)
         for n, contender in enumerate(contenders):
             names = {"table": f"items-{n}", "lease_table": f"leases-{n}"}
