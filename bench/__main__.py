@@ -127,10 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--page-size", type=int, default=1000, help="records per canned GetRecords page"
     )
     parser.add_argument(
-        "--record-bytes",
+        "--throughput-record-bytes",
         type=int,
         default=0,
-        help="pad each canned record to about this many bytes (default: aggregates, ~160 B)",
+        help="pad each canned throughput record to about this many bytes (default: the "
+        "aggregates as they are, ~160 B)",
     )
     parser.add_argument(
         "--loop",
@@ -182,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     if args.records > 0:
         results += run_canned(
-            contenders, args.records, args.page_size, common, args.profile, args.record_bytes
+            contenders,
+            args.records,
+            args.page_size,
+            common,
+            args.profile,
+            args.throughput_record_bytes,
         )
     if args.emulator_records > 0:
         results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
