@@ -124,6 +124,8 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         """Errors and partial BatchWriteItem answers given, by operation."""
         self.unprocessed_returned = 0
+        self.get_records_limits: list[int | None] = []
+        """The Limit of every GetRecords, in order."""
         self.item_writes: Counter[tuple[str, str]] = Counter()
         """Items DynamoDB accepted through the proxy, by (Name, StatusTime): above 1 is a
         duplicate write."""
@@ -233,6 +235,8 @@ class FaultProxy:
         operation = target.rpartition(".")[2]
         self.calls[operation] += 1
         body = await request.read()
+        if operation == "GetRecords":
+            self.get_records_limits.append(json.loads(body).get("Limit"))
         if operation in self._delays:
             await asyncio.sleep(self._delays[operation])
         rule = self._take_rule(operation)

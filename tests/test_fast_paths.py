@@ -19,6 +19,7 @@ import pytest
 from bench.data import aggregates, encode
 from prometheus_client import CollectorRegistry
 
+from tests.faultproxy import FaultProxy
 from tests.helpers import SHADOWFAX, holds, read_shadowfax, wait_for
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.tracker import ShardProgress
@@ -29,6 +30,7 @@ from wildrydes_stream.records import Envelope, _decode_item, decode_item, item_k
 from wildrydes_stream.service import Service
 from wildrydes_stream.sink.deadletter import DeadLetters, FileDestination, Retry
 from wildrydes_stream.sink.dynamodb import WriterPool
+from wildrydes_stream.source.poller import CAUGHT_UP_LIMIT
 
 FORMATS: tuple[StatusTimeFormat, ...] = ("epoch_ms", "string")
 
@@ -230,3 +232,35 @@ def test_free_text_is_not_kept_for_sharing_and_the_shared_values_stay_bounded() 
     kept = records._SHARED_ATTRIBUTES
     assert len(kept) <= records._MAX_SHARED_ATTRIBUTES
     assert all(len(value) <= records._MAX_SHARED_STRING for value in kept if isinstance(value, str))
+
+
+async def test_a_caught_up_shard_asks_for_a_small_page_and_a_full_one_once_behind(
+    one_shard: Settings, kinesis_proxy: FaultProxy, kinesis: Any, dynamodb: Any
+) -> None:
+    # Each poll reserves its Limit's worth of bytes in the byte bound before the call: idle
+    # shards asking for 10,000 records each would hold the bound between them for nothing.
+    settings = one_shard.replace(
+        idle_poll_interval_seconds=0.05,
+        get_records_limit=5000,
+        max_buffered_bytes=2**34,  # a bound that never lowers the Limit itself
+    )
+    async with Service(settings) as service:
+        await wait_for(holds(lambda: len(kinesis_proxy.get_records_limits) >= 5))
+        assert kinesis_proxy.get_records_limits[0] == 5000
+        assert set(kinesis_proxy.get_records_limits[1:5]) == {CAUGHT_UP_LIMIT}
+        calls_before = len(kinesis_proxy.get_records_limits)
+        records = [encode(r) for r in aggregates(1000)]
+        await kinesis.put_records(
+            StreamName=settings.stream_name,
+            Records=[{"Data": data, "PartitionKey": "x"} for data in records[:500]],
+        )
+        await kinesis.put_records(
+            StreamName=settings.stream_name,
+            Records=[{"Data": data, "PartitionKey": "x"} for data in records[500:]],
+        )
+        await wait_for(holds(lambda: service.metrics.snapshot().written == len(records)))
+    after = kinesis_proxy.get_records_limits[calls_before:]
+    # The first poll after the burst arrived asks for the small page, finds it full and asks
+    # for the whole page at once.
+    first_full = after.index(5000)
+    assert set(after[:first_full]) == {CAUGHT_UP_LIMIT}

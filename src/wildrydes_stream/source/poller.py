@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # Bytes a record is assumed to hold until a shard's first page says otherwise: generous, so a
 # first page of large records cannot overshoot the byte bound by much.
 FIRST_RECORD_SIZE_GUESS = 64 * 1024
+# The Limit of a poll after one that found the shard caught up: at least this, twice what that
+# poll read. A page's bytes are reserved in the byte bound before the call, so 256 idle shards
+# asking for the full 10,000 records each would hold the bound between them and queue behind
+# each other for nothing; a shard that is behind again asks for the full page at once.
+CAUGHT_UP_LIMIT = 200
 
 Decode = Callable[[bytes], tuple[ItemKey, Any]]
 """A record's data -> its routing key and payload; RecordError when the record is bad."""
@@ -113,6 +118,8 @@ class ShardPoller:
         self._last_read: str | None = None
         self._since: datetime | None = None
         self._halted = asyncio.Event()
+        self._page_cap: int | None = None
+        """The Limit of the next poll when the last one found the shard caught up."""
         self._sleeper: asyncio.Future[None] | None = None
         """The pause in progress, which `halt` ends early."""
         self.caught_up = asyncio.Event()
@@ -173,7 +180,9 @@ class ShardPoller:
             if iterator is None:
                 break
             if behind > 0 or len(records) >= limit:
+                self._page_cap = None
                 continue
+            self._page_cap = max(CAUGHT_UP_LIMIT, 2 * len(records))
             if not records:
                 self.caught_up.set()
             idle = self._settings.idle_poll_interval_seconds
@@ -222,7 +231,10 @@ class ShardPoller:
         await wait_any(budget.room, self._stopping, self._halted)
         if self._quitting():
             return 0
-        return budget.limit_for(self._record_size, self._settings.get_records_limit)
+        most = self._settings.get_records_limit
+        if self._page_cap is not None:
+            most = min(most, self._page_cap)
+        return budget.limit_for(self._record_size, most)
 
     def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> int:
         """Swap the page's reservation for its real size (returned), and learn the shard's
