@@ -121,6 +121,7 @@ async def test_sigterm_drains_checkpoints_the_last_record_releases_leases_and_ex
     env = service_env(resources, aws_env, checkpoint_interval_seconds=3600.0)
     service = await spawn(env)
     await service.started()
+    assert service.find_log("service started")["event_loop"] == "uvloop"  # type: ignore[index]
 
     await wait_written(service, len(records))
     items = await scan_table(dynamodb, resources.table_name)
@@ -336,8 +337,10 @@ async def test_the_process_serves_readyz_healthz_and_the_documented_metrics(
 ) -> None:
     records = unicorn_records(UNICORNS[:2], minutes=20)
     await put_records(kinesis, resources.stream_name, records)
-    service = await spawn(service_env(resources, aws_env))
+    # On the standard event loop (the event_loop setting); the other tests run on uvloop.
+    service = await spawn(service_env(resources, aws_env, event_loop="asyncio"))
     await service.started()
+    assert service.find_log("service started")["event_loop"] == "asyncio"  # type: ignore[index]
 
     async def ready() -> bool:
         return (await service.get("/readyz"))[0] == 200

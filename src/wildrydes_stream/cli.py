@@ -255,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(warning)
     try:
         if args.command == "run":
-            return _run_loop(_serve(settings))
+            return _run_loop(_serve(settings), settings.event_loop)
         if args.command == "aggregate":
-            return _run_loop(_aggregate(settings))
+            return _run_loop(_aggregate(settings), settings.event_loop)
         if args.command == "provision":
             return _run_loop(_provision(settings, args.shards))
         if args.command == "status":
@@ -317,7 +317,9 @@ def render_settings(fmt: str) -> str:
     return "\n".join(f"{name} ({env}) = {default!r}\n    {doc}" for name, env, default, doc in rows)
 
 
-def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+def _run_loop(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
+    if loop == "asyncio":
+        return asyncio.run(main)
     try:
         import uvloop
     except ImportError:

@@ -204,6 +204,8 @@ class Consumer:
                 "table": s.table_name,
                 "owner": s.owner,
                 "http_port": self.http.port,
+                # The loop actually running (uvloop's is uvloop.Loop): the event_loop setting.
+                "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
 
