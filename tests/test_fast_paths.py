@@ -20,7 +20,8 @@ from bench.data import aggregates, encode
 from prometheus_client import CollectorRegistry
 
 from tests.faultproxy import FaultProxy
-from tests.helpers import SHADOWFAX, holds, read_shadowfax, wait_for
+from tests.helpers import SHADOWFAX, holds, read_shadowfax, scan_table, wait_for
+from tests.test_process import last_sequence_per_shard, leases_of
 from wildrydes_stream.buffering import ByteBudget
 from wildrydes_stream.checkpoint.tracker import ShardProgress
 from wildrydes_stream.config import Settings, StatusTimeFormat
@@ -115,13 +116,15 @@ async def test_a_page_handed_over_at_once_writes_what_the_plain_decoder_predicts
     records[602] = b"not json"
     records[603] = PLAIN.replace(b'"Distance":', b'"Distance":"12","Was":')
     settings = resources.replace(get_records_limit=100, deadletter_file=str(tmp_path / "dl"))
+    put: list[dict[str, Any]] = []
     for start in range(0, len(records), 500):
         # Partitioned by unicorn, as the producers do: a key's records share a shard.
         entries = [
             {"Data": data, "PartitionKey": data[9:19].decode(errors="replace") or "x"}
             for data in records[start : start + 500]
         ]
-        await kinesis.put_records(StreamName=settings.stream_name, Records=entries)
+        response = await kinesis.put_records(StreamName=settings.stream_name, Records=entries)
+        put += response["Records"]
 
     service = Service(settings)
     async with service:
@@ -136,23 +139,18 @@ async def test_a_page_handed_over_at_once_writes_what_the_plain_decoder_predicts
             refused += 1
             continue
         expected[key] = _by_value(item)
-    written = {}
-    paginator = dynamodb.get_paginator("scan")
-    async for page in paginator.paginate(TableName=settings.table_name):
-        for item in page["Items"]:
-            written[item_key_of(item)] = _by_value(item)
-    assert written == expected
+    items = await scan_table(dynamodb, settings.table_name)
+    assert {item_key_of(item): _by_value(item) for item in items} == expected
     snapshot = service.metrics.snapshot()
     assert snapshot.dead_lettered == refused == 2
     assert len((tmp_path / "dl").read_text().splitlines()) == refused
     # Every shard checkpointed at its last record: nothing is left to read again.
-    described = await kinesis.describe_stream(StreamName=settings.stream_name)
-    leases = await service_leases(dynamodb, settings)
-    for shard in described["StreamDescription"]["Shards"]:
-        shard_id = shard["ShardId"]
-        last = await _last_sequence(kinesis, settings.stream_name, shard_id)
-        assert last is not None, f"nothing was put on {shard_id}"
-        assert leases.get(shard_id) == last, shard_id
+    last = last_sequence_per_shard(put)
+    assert len(last) == 4  # every shard had records
+    leases = await leases_of(dynamodb, settings)
+    assert {shard: lease.checkpoint for shard, lease in leases.items()} == {
+        shard: str(sequence) for shard, sequence in last.items()
+    }
 
 
 def _by_value(item: dict[str, Any]) -> dict[str, Any]:
@@ -160,28 +158,6 @@ def _by_value(item: dict[str, Any]) -> dict[str, Any]:
     return {
         name: {"N": Decimal(value["N"])} if "N" in value else value for name, value in item.items()
     }
-
-
-async def service_leases(dynamodb: Any, settings: Settings) -> dict[str, str]:
-    response = await dynamodb.scan(TableName=settings.lease_table_name)
-    return {item["leaseKey"]["S"]: item["checkpoint"]["S"] for item in response["Items"]}
-
-
-async def _last_sequence(kinesis: Any, stream: str, shard_id: str) -> str | None:
-    iterator = (
-        await kinesis.get_shard_iterator(
-            StreamName=stream, ShardId=shard_id, ShardIteratorType="TRIM_HORIZON"
-        )
-    )["ShardIterator"]
-    last = None
-    while iterator:
-        page = await kinesis.get_records(ShardIterator=iterator, Limit=10000)
-        if page["Records"]:
-            last = page["Records"][-1]["SequenceNumber"]
-        if not page["Records"] and not page.get("MillisBehindLatest"):
-            break
-        iterator = page.get("NextShardIterator")
-    return last
 
 
 async def test_a_page_cancelled_while_waiting_for_room_gives_back_the_bytes_it_did_not_queue(

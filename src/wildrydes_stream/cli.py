@@ -24,6 +24,7 @@ from wildrydes_stream.observability.logs import configure_logging
 from wildrydes_stream.runtime import settle_heap
 
 if TYPE_CHECKING:
+    from wildrydes_stream.consumer import Consumer
     from wildrydes_stream.produce.producer import ProduceOptions
 
 log = logging.getLogger("wildrydes_stream")
@@ -350,23 +351,22 @@ def install_signal_handlers(request_stop: Any) -> None:
 async def _serve(settings: Settings) -> int:
     from wildrydes_stream.service import Service
 
-    service = Service(settings)
-    install_signal_handlers(service.request_stop)
-    async with service:
-        settle_heap()
-        await service.wait()
-    return service.exit_code
+    return await _serve_until_signalled(Service(settings))
 
 
 async def _aggregate(settings: Settings) -> int:
     from wildrydes_stream.aggregate.app import Aggregator
 
-    aggregator = Aggregator(settings)
-    install_signal_handlers(aggregator.request_stop)
-    async with aggregator:
+    return await _serve_until_signalled(Aggregator(settings))
+
+
+async def _serve_until_signalled(consumer: Consumer) -> int:
+    """Run a consumer until SIGTERM/SIGINT (or a stage fails); its exit code."""
+    install_signal_handlers(consumer.request_stop)
+    async with consumer:
         settle_heap()
-        await aggregator.wait()
-    return aggregator.exit_code
+        await consumer.wait()
+    return consumer.exit_code
 
 
 async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> int:

@@ -254,9 +254,9 @@ class ShardPoller:
         kept = size
         try:
             envelopes, bad = self._decode_page(records)
-            handed = sum(len(envelope.data) for envelope in envelopes)
+            # The sink owns the good records' bytes from the call on, whatever happens in it.
+            kept = sum(len(letter.data) for letter in bad)
             if envelopes:
-                kept -= handed  # the sink owns them from the call on, whatever happens in it
                 await self._dispatch(envelopes)
         finally:
             self._budget.give_back(kept)
