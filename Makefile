@@ -34,7 +34,7 @@ lint: $(PY_STAMP)
 test: setup promtool lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# promtool (from Debian's prometheus package) into $(BIN), for tests/test_deploy.py.
+# promtool (from Debian's prometheus package) into $(BIN), for tests/deploy/test_deploy.py.
 .PHONY: promtool image
 promtool: $(PY_STAMP)
 	sh scripts/install-promtool.sh $(BIN)

@@ -58,9 +58,9 @@ from aiobotocore.session import get_session
 from bench import latency, scale
 from bench.canned import canned_server, canned_stats
 from bench.data import SHARDS, aggregates, encode
+from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.provision import ensure_stream, ensure_table
 
 CONTENDERS = ("baseline", "botocore", "botocore-novalidate", "fast", "null")
 DEFAULT_CONTENDERS = ("baseline", "botocore", "botocore-novalidate", "fast")

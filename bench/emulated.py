@@ -15,9 +15,9 @@ from aiobotocore.session import get_session
 from tests.faultproxy import FaultProxy
 from tests.process import service_env
 
+from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.config import Settings
 from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.provision import ensure_stream, ensure_table
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "drill",

@@ -26,8 +26,8 @@ from aiobotocore.session import get_session
 
 from bench.__main__ import endpoints
 from bench.canned import canned_server
-from wildrydes_stream.aws import DATA_PATH
-from wildrydes_stream.awsjson import DynamoDBData, KinesisData
+from wildrydes_stream.aws.clients import DATA_PATH
+from wildrydes_stream.aws.lean import DynamoDBData, KinesisData
 
 TRANSPORTS = ("aiohttp", "http1")
 

@@ -25,12 +25,12 @@ from aiobotocore.session import get_session
 from prometheus_client import CollectorRegistry
 
 from bench.canned import Canned, make_iterator, parse_iterator
-from wildrydes_stream import aws
-from wildrydes_stream.aws import AwsClients
+from wildrydes_stream.aws import clients as aws
+from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import ENV_PREFIX, Settings, load_settings
-from wildrydes_stream.records import METRIC_FIELDS, status_time_to_epoch_ms
-from wildrydes_stream.runtime import settle_heap
-from wildrydes_stream.service import Service
+from wildrydes_stream.copy.app import Service
+from wildrydes_stream.copy.item import METRIC_FIELDS, status_time_to_epoch_ms
+from wildrydes_stream.runtime.heap import settle_heap
 
 CLIENTS = ("fast", "botocore", "botocore-novalidate", "null")
 

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Puts promtool, from Debian's `prometheus` package, into a bin directory (default .venv/bin)
-# for the alert and /metrics checks of tests/test_deploy.py. Only that one binary is taken out
+# for the alert and /metrics checks of tests/deploy/test_deploy.py. Only that one binary is taken out
 # of the package (it needs nothing but libc): no Prometheus server is installed or started.
 #
 #   sh scripts/install-promtool.sh [BIN_DIR]       (`make test` runs it)

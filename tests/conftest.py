@@ -19,10 +19,10 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import SHADOWFAX, client
+from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.config import Settings
+from wildrydes_stream.copy.app import Service
 from wildrydes_stream.local.emulators import Emulator
-from wildrydes_stream.provision import ensure_stream, ensure_table
-from wildrydes_stream.service import Service
 
 _names = itertools.count()
 

@@ -1,7 +1,8 @@
-"""Several service processes on one stream, as tests/test_replicas.py and bench/replicas.py run
-them: replicas started as child processes under their own worker ids, what each reports on
-/metrics, a producer of records with distinct keys, and duplicate item writes counted at the
-DynamoDB endpoint (a FaultProxy's `item_writes`), never from the service's own metrics.
+"""Several service processes on one stream, as tests/consumer/test_replicas.py and
+bench/replicas.py run them: replicas started as child processes under their own worker ids,
+what each reports on /metrics, a producer of records with distinct keys, and duplicate item
+writes counted at the DynamoDB endpoint (a FaultProxy's `item_writes`), never from the
+service's own metrics.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process import ServiceProcess
-from wildrydes_stream.records import status_time_to_epoch_ms
-from wildrydes_stream.waiting import wait_or_timeout
+from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.runtime.waiting import wait_or_timeout
 
 UNICORNS = 60
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wildrydes_stream import aws
+from wildrydes_stream.aws import clients as aws
 from wildrydes_stream.config import Settings, load, load_settings
 from wildrydes_stream.errors import ConfigError
 

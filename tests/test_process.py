@@ -30,10 +30,10 @@ from tests.process import (
     run_to_exit,
     service_env,
 )
-from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
+from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.config import Settings
-from wildrydes_stream.provision import ensure_stream
-from wildrydes_stream.records import status_time_to_epoch_ms
+from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.copy.item import status_time_to_epoch_ms
 
 pytestmark = [pytest.mark.slow]
 

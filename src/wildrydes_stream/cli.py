@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,10 +20,11 @@ from wildrydes_stream import __version__
 from wildrydes_stream.config import CONFIG_FILE_ENV, Loaded, Settings, describe, load
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
-from wildrydes_stream.runtime import settle_heap
+from wildrydes_stream.runtime.heap import settle_heap
+from wildrydes_stream.runtime.signals import install_signal_handlers
 
 if TYPE_CHECKING:
-    from wildrydes_stream.consumer import Consumer
+    from wildrydes_stream.consumer.core import Consumer
     from wildrydes_stream.produce.producer import ProduceOptions
 
 log = logging.getLogger("wildrydes_stream")
@@ -328,28 +328,8 @@ def _run_loop(main: Coroutine[Any, Any, int], loop: str = "uvloop") -> int:
     return uvloop.run(main)
 
 
-def install_signal_handlers(request_stop: Any) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit at once, non-zero."""
-    loop = asyncio.get_running_loop()
-    received = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        name = signal.Signals(signum).name
-        if len(received) == 1:
-            log.info("signal received, stopping gracefully", extra={"signal": name})
-            request_stop()
-            return
-        log.warning("second signal received, exiting at once", extra={"signal": name})
-        logging.shutdown()
-        os._exit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-
 async def _serve(settings: Settings) -> int:
-    from wildrydes_stream.service import Service
+    from wildrydes_stream.copy.app import Service
 
     return await _serve_until_signalled(Service(settings))
 
@@ -370,7 +350,7 @@ async def _serve_until_signalled(consumer: Consumer) -> int:
 
 
 async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> int:
-    from wildrydes_stream.redrive import redrive
+    from wildrydes_stream.admin.redrive import redrive
 
     report = await redrive(settings, source, max_retry_attempts)
     print(report.line())
@@ -412,7 +392,7 @@ def produce_region(flag: str | None) -> str:
         return flag
     from aiobotocore.session import get_session
 
-    from wildrydes_stream.aws import region_name
+    from wildrydes_stream.aws.clients import region_name
 
     return region_name(get_session())
 
@@ -420,7 +400,7 @@ def produce_region(flag: str | None) -> str:
 async def _produce(options: ProduceOptions, region: str) -> int:
     from aiobotocore.session import get_session
 
-    from wildrydes_stream.aws import DATA_PATH
+    from wildrydes_stream.aws.clients import DATA_PATH
     from wildrydes_stream.produce.producer import Producer
 
     # DATA_PATH: no botocore retries, the producer retries (and counts) throttles itself.
@@ -433,7 +413,7 @@ async def _produce(options: ProduceOptions, region: str) -> int:
 
 async def _status(settings: Settings, as_json: bool) -> int:
     from wildrydes_stream.admin.status import render, status
-    from wildrydes_stream.aws import AwsClients
+    from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
         report = await status(clients.kinesis, clients.dynamodb_control, settings)
@@ -443,7 +423,7 @@ async def _status(settings: Settings, as_json: bool) -> int:
 
 async def _reset(settings: Settings, shards: list[str] | None, target: Any, force: bool) -> int:
     from wildrydes_stream.admin.reset import reset
-    from wildrydes_stream.aws import AwsClients
+    from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
         changes = await reset(clients.dynamodb_control, settings, shards, target, force=force)
@@ -453,8 +433,8 @@ async def _reset(settings: Settings, shards: list[str] | None, target: Any, forc
 
 
 async def _provision(settings: Settings, shards: int) -> int:
-    from wildrydes_stream.aws import AwsClients
-    from wildrydes_stream.provision import provision
+    from wildrydes_stream.admin.provision import provision
+    from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients() as clients:
         problems = await provision(clients.kinesis, clients.dynamodb_control, settings, shards)

@@ -1,1 +1,3 @@
-"""Operator commands over the lease table: `status` (read only) and `reset`."""
+"""Operator commands: `status` (read only) and `reset` over the lease table, `redrive` (dead
+letters back where they were going) and `provision` (streams and tables).
+"""

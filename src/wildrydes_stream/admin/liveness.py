@@ -10,7 +10,7 @@ import asyncio
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.checkpoint.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.leases import Lease, LeaseTable
 
 MARGIN = 0.5
 

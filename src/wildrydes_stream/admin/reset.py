@@ -19,8 +19,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.admin.liveness import scan_twice
-from wildrydes_stream.checkpoint.leases import AT_TIMESTAMP, SHARD_END, Lease, LeaseTable
 from wildrydes_stream.config import Settings, _parse_timestamp
+from wildrydes_stream.consumer.leases import AT_TIMESTAMP, SHARD_END, Lease, LeaseTable
 from wildrydes_stream.errors import ConfigError, WildrydesError
 
 

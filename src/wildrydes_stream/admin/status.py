@@ -14,8 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from wildrydes_stream.admin.liveness import scan_twice
-from wildrydes_stream.checkpoint.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.config import Settings
+from wildrydes_stream.consumer.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.source.shards import Shard, list_shards
 
 

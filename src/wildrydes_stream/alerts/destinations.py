@@ -19,10 +19,10 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wildrydes_stream.alerts.state import AlertState
-from wildrydes_stream.aws import AwsClients
+from wildrydes_stream.aws.clients import AwsClients
+from wildrydes_stream.aws.retry import error_code
 from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import WildrydesError
-from wildrydes_stream.retry import error_code
 
 log = logging.getLogger(__name__)
 alert_log = logging.getLogger("wildrydes_stream.alerts.log")

@@ -24,10 +24,10 @@ from decimal import Decimal, InvalidOperation
 from wildrydes_stream.alerts.destinations import SETTING_OF, Alert, Destination
 from wildrydes_stream.alerts.metrics import AlertMetrics
 from wildrydes_stream.alerts.state import UnicornStates
-from wildrydes_stream.background import BackgroundTasks
+from wildrydes_stream.aws.retry import backoff_delay, error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.records import Envelope, Tenure, status_time_to_epoch_ms
-from wildrydes_stream.retry import backoff_delay, error_code
+from wildrydes_stream.copy.item import Envelope, Tenure, status_time_to_epoch_ms
+from wildrydes_stream.runtime.background import BackgroundTasks
 from wildrydes_stream.sink.dynamodb import WriterPool
 
 log = logging.getLogger(__name__)

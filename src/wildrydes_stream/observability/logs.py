@@ -71,7 +71,7 @@ class RetryLog:
         self._quiet: dict[str, int] = {}
 
     def failed(self, what: str, exc: BaseException, **fields: Any) -> None:
-        from wildrydes_stream.retry import describe_error, fault_of
+        from wildrydes_stream.aws.retry import describe_error, fault_of
 
         now = time.monotonic()
         if now - self._last.get(what, -math.inf) < self._interval:

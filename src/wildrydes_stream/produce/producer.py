@@ -26,9 +26,7 @@ from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.errors import MissingResourceError, WildrydesError
-from wildrydes_stream.produce.model import NAMES, Reading, Unicorn
-from wildrydes_stream.retry import (
+from wildrydes_stream.aws.retry import (
     THROTTLING_CODES,
     TRANSIENT_CODES,
     backoff_delay,
@@ -36,6 +34,8 @@ from wildrydes_stream.retry import (
     error_code,
     fault_of,
 )
+from wildrydes_stream.errors import MissingResourceError, WildrydesError
+from wildrydes_stream.produce.model import NAMES, Reading, Unicorn
 
 BATCH_LIMIT = 500  # PutRecords takes at most 500 records a call
 BACKOFF_BASE_SECONDS = 0.1

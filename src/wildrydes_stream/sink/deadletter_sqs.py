@@ -13,8 +13,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from wildrydes_stream.aws.retry import error_code
 from wildrydes_stream.errors import WildrydesError
-from wildrydes_stream.retry import error_code
 from wildrydes_stream.sink.deadletter import LetterBatch, Retry
 from wildrydes_stream.sink.letters import OMITTED_NOTE, dumps
 

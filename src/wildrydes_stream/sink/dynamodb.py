@@ -23,22 +23,22 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from wildrydes_stream.background import BackgroundTasks
-from wildrydes_stream.buffering import ByteBudget
-from wildrydes_stream.config import Settings
-from wildrydes_stream.observability.health import BlockedCalls
-from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import DeadLetter, Envelope, ItemKey, item_key_of
-from wildrydes_stream.retry import (
+from wildrydes_stream.aws.retry import (
     BLOCKING_FAULTS,
     Fault,
     backoff_delay,
     describe_error,
     fault_of,
 )
+from wildrydes_stream.config import Settings
+from wildrydes_stream.copy.item import DeadLetter, Envelope, ItemKey, item_key_of
+from wildrydes_stream.observability.health import BlockedCalls
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.runtime.background import BackgroundTasks
+from wildrydes_stream.runtime.budget import ByteBudget
+from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.pacing import AdaptiveConcurrency, WriteUnitBudget
-from wildrydes_stream.waiting import wait_or_timeout
 
 log = logging.getLogger(__name__)
 

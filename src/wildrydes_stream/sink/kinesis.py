@@ -23,12 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from wildrydes_stream.background import BackgroundTasks
-from wildrydes_stream.config import Settings
-from wildrydes_stream.observability.health import BlockedCalls
-from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import DeadLetter, Tenure
-from wildrydes_stream.retry import (
+from wildrydes_stream.aws.retry import (
     BLOCKING_FAULTS,
     PERMISSION_CODES,
     THROTTLING_CODES,
@@ -37,6 +32,11 @@ from wildrydes_stream.retry import (
     describe_error,
     fault_of,
 )
+from wildrydes_stream.config import Settings
+from wildrydes_stream.copy.item import DeadLetter, Tenure
+from wildrydes_stream.observability.health import BlockedCalls
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.runtime.background import BackgroundTasks
 from wildrydes_stream.sink.deadletter import DeadLetters
 
 log = logging.getLogger(__name__)

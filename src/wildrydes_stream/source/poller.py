@@ -18,20 +18,20 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.buffering import ByteBudget
-from wildrydes_stream.config import Settings
-from wildrydes_stream.errors import RecordError
-from wildrydes_stream.observability.health import BlockedCalls
-from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records import DeadLetter, Envelope, ItemKey, decode_item
-from wildrydes_stream.retry import (
+from wildrydes_stream.aws.retry import (
     BLOCKING_FAULTS,
     backoff_delay,
     describe_error,
     error_code,
     fault_of,
 )
-from wildrydes_stream.waiting import wait_any, wait_or_timeout
+from wildrydes_stream.config import Settings
+from wildrydes_stream.copy.item import DeadLetter, Envelope, ItemKey, decode_item
+from wildrydes_stream.errors import RecordError
+from wildrydes_stream.observability.health import BlockedCalls
+from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.runtime.budget import ByteBudget
+from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
 
 log = logging.getLogger(__name__)
 
