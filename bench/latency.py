@@ -36,7 +36,7 @@ from tests.replicas_support import record
 
 from bench.emulated import emulated
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 RUNS = {"default": Settings().idle_poll_interval_seconds, "low": 0.2}
 """idle_poll_interval_seconds of each run."""

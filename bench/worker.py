@@ -29,7 +29,8 @@ from wildrydes_stream.aws import clients as aws
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import ENV_PREFIX, Settings, load_settings
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import METRIC_FIELDS, status_time_to_epoch_ms
+from wildrydes_stream.copy.item import METRIC_FIELDS
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.heap import settle_heap
 
 CLIENTS = ("fast", "botocore", "botocore-novalidate", "null")

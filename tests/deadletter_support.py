@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wildrydes_stream.copy.item import DeadLetter
+from wildrydes_stream.records.envelope import DeadLetter
 
 
 async def receive_all(sqs: Any, queue_url: str) -> list[dict[str, Any]]:

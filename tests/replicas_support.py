@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process import ServiceProcess
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 
 UNICORNS = 60

@@ -18,8 +18,8 @@ from tests.helpers import scan_table
 from tests.process import PYTHON, bare_env
 from wildrydes_stream.admin.redrive import redrive
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter
 from wildrydes_stream.sink.deadletter import DeadLetters, FileDestination, LetterBatch, Retry
 from wildrydes_stream.sink.deadletter_s3 import S3Destination
 from wildrydes_stream.sink.deadletter_sqs import SqsDestination

@@ -26,8 +26,8 @@ from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
 from wildrydes_stream.produce.model import NAMES, Unicorn, status_time
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 T0 = datetime(2017, 6, 5, 9, 17, tzinfo=UTC)
 Key = tuple[str, str]

@@ -22,7 +22,7 @@ from tests.process import ServiceProcess, service_env
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import Lease, LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.source.shards import Shard, readable_shards, starting_position
 

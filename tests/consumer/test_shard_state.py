@@ -12,7 +12,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import Consumer, Sink, Wiring
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import TableCopy
-from wildrydes_stream.copy.item import Envelope
+from wildrydes_stream.records.envelope import Envelope
 
 
 class CountingState:

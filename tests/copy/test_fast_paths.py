@@ -25,9 +25,10 @@ from tests.test_process import last_sequence_per_shard, leases_of
 from wildrydes_stream.config import Settings, StatusTimeFormat
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import Envelope, _decode_item, decode_item, item_key_of
+from wildrydes_stream.copy.item import _decode_item, decode_item
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import Envelope, item_key_of
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters, FileDestination, Retry
 from wildrydes_stream.sink.dynamodb import WriterPool

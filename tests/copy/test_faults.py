@@ -26,7 +26,7 @@ from tests.helpers import put_records, scan_table, wait_for
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 if TYPE_CHECKING:
     pass

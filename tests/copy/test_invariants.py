@@ -27,7 +27,8 @@ from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import SHARD_END, Lease, LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import ItemKey, status_time_to_epoch_ms
+from wildrydes_stream.records.envelope import ItemKey
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.sink.dynamodb import Batch, BatchWriter
 
 pytestmark = pytest.mark.timeout(60)

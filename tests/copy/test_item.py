@@ -10,13 +10,10 @@ import pytest
 
 from tests.helpers import read_shadowfax
 from wildrydes_stream.config import StatusTimeFormat
-from wildrydes_stream.copy.item import (
-    METRIC_FIELDS,
-    decode_item,
-    item_key_of,
-    status_time_to_epoch_ms,
-)
+from wildrydes_stream.copy.item import METRIC_FIELDS, decode_item
 from wildrydes_stream.errors import RecordError
+from wildrydes_stream.records.envelope import item_key_of
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 FIRST = (
     b'{"Name":"Shadowfax","StatusTime":"2016-02-12 00:00:00.000","Distance":1317,'

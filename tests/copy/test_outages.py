@@ -40,7 +40,7 @@ from tests.helpers import holds, put_records, wait_for
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 
 async def feed(

@@ -10,7 +10,8 @@ from tests.helpers import put_records, scan_table, unicorn_records
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import METRIC_FIELDS, status_time_to_epoch_ms
+from wildrydes_stream.copy.item import METRIC_FIELDS
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 UNICORNS = ("Shadowfax", "Rocinante", "Bucephalus", "Pegasus", "Epona", "Artax")
 

@@ -1,4 +1,4 @@
-"""Helpers of tests/deploy/test_deploy.py: reading the deploy files, PromQL names, AWS calls in the code.
+"""Helpers of tests/deploy/test_deploy.py: the deploy files, PromQL names, AWS calls in the code.
 
 Pure functions and small parsers, no fixtures, so each can be read (and trusted) on its own.
 """

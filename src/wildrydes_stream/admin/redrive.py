@@ -25,9 +25,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.aws.retry import error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter, Envelope, decode_item
+from wildrydes_stream.copy.item import decode_item
 from wildrydes_stream.errors import RecordError, WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter, Envelope
 from wildrydes_stream.sink.deadletter import DeadLetters, LetterBatch, locked
 from wildrydes_stream.sink.deadletter_s3 import SUFFIX
 from wildrydes_stream.sink.dynamodb import WriterPool

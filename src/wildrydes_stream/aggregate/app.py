@@ -28,8 +28,8 @@ from wildrydes_stream.aggregate.windows import Added, Emission, ShardWindows
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import Consumer, Wiring
-from wildrydes_stream.copy.item import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.errors import MissingResourceError
+from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.kinesis import StreamRecord, StreamWriter

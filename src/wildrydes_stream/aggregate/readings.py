@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
-from wildrydes_stream.copy.item import ItemKey, decode_body, status_time_to_epoch_ms
 from wildrydes_stream.errors import RecordError
+from wildrydes_stream.records.envelope import ItemKey
+from wildrydes_stream.records.fields import decode_body, status_time_to_epoch_ms
 
 # Adjusted exponents a measurement may have: ample for metres and points, and it keeps every
 # sum of them exact within the aggregation's decimal context (aggregate/windows.py).

@@ -24,7 +24,7 @@ from decimal import Context, Decimal
 from typing import Any
 
 from wildrydes_stream.aggregate.readings import Reading
-from wildrydes_stream.copy.item import Tenure
+from wildrydes_stream.records.envelope import Tenure
 
 # Exact for any realistic number of readings: their digits are bounded in readings.py.
 _EXACT = Context(prec=200)

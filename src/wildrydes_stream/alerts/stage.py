@@ -26,7 +26,8 @@ from wildrydes_stream.alerts.metrics import AlertMetrics
 from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.aws.retry import backoff_delay, error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import Envelope, Tenure, status_time_to_epoch_ms
+from wildrydes_stream.records.envelope import Envelope, Tenure
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.background import BackgroundTasks
 from wildrydes_stream.sink.dynamodb import WriterPool
 

@@ -30,12 +30,12 @@ from wildrydes_stream.aws.lean import DynamoDBData
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.supervisor import ShardSupervisor
-from wildrydes_stream.copy.item import Envelope, ItemKey
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.http import HealthServer
 from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
@@ -184,9 +184,9 @@ class Consumer:
                 self.metrics,
                 self._stopping,
                 self._fail,
+                self.application.decode,
                 self.budget,
                 self.blocked,
-                self.application.decode,
                 self.application.state,
             )
             self.sink.start()

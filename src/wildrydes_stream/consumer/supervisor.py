@@ -89,9 +89,9 @@ class ShardSupervisor:
         metrics: Metrics,
         stopping: asyncio.Event,
         on_failure: Callable[[BaseException], None],
+        decode: Decode,
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
-        decode: Decode | None = None,
         state: ShardState | None = None,
     ) -> None:
         self._kinesis = kinesis
@@ -473,9 +473,9 @@ class ShardSupervisor:
             self._deadletters.send,
             self._metrics,
             self._stopping,
+            self._decode,
             self._budget,
             self._blocked,
-            self._decode,
         )
         owned = OwnedShard(lease, progress, poller)
         position, since = self._position(lease)

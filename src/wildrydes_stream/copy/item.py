@@ -6,22 +6,16 @@ text they had in the record: no float ever touches them.
 
 from __future__ import annotations
 
-import calendar
 import functools
-import json
-import re
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 
 from wildrydes_stream.config import StatusTimeFormat
 from wildrydes_stream.errors import RecordError
-
-AttributeValue = dict[str, Any]
-Item = dict[str, AttributeValue]
-ItemKey = tuple[str, str]
+from wildrydes_stream.records.envelope import AttributeValue, Item, ItemKey
+from wildrydes_stream.records.fields import decode_body, status_time_to_epoch_ms
 
 # The per-minute aggregate's measurements: when present they must be numbers.
 METRIC_FIELDS: Final = (
@@ -31,51 +25,6 @@ METRIC_FIELDS: Final = (
     "MinHealthPoints",
     "MaxHealthPoints",
 )
-
-_STATUS_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z?")
-
-
-class Tenure(Protocol):
-    """One holding of a shard's lease: where a finished record is acknowledged.
-
-    Each take of a lease starts a new tenure. When the lease is lost the tenure is fenced:
-    its records still queued are dropped unwritten (the new owner writes them) and late
-    acknowledgements land on the old tenure, never on a later checkpoint.
-    """
-
-    @property
-    def fenced(self) -> bool: ...
-    def finish(self, sequence: int) -> None: ...
-
-
-@dataclass(slots=True)
-class Envelope:
-    """One record on its way through the pipeline, with what is needed to checkpoint it."""
-
-    shard_id: str
-    sequence: int
-    key: ItemKey
-    item: Item
-    arrival: float  # ApproximateArrivalTimestamp, epoch seconds
-    data: bytes  # the raw record, kept for the dead-letter destination
-    tenure: Tenure  # the lease tenure the record was read under; acks go there
-
-
-# One decoder for every record: json.loads with parse_float would build a new one each call.
-_JSON: Final = json.JSONDecoder(parse_float=Decimal)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record that cannot be written: its raw data, why, and where it was read."""
-
-    data: bytes
-    reason: str
-    kind: str  # bounded label for metrics: "invalid_record", "rejected_by_table", "retries"
-    stream: str
-    shard_id: str
-    sequence: int
-    arrival: float
 
 
 def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
@@ -94,26 +43,6 @@ def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Item
         raise
     except Exception as exc:
         raise RecordError(f"cannot be decoded: {type(exc).__name__}: {exc}"[:500]) from None
-
-
-def decode_body(data: bytes) -> tuple[dict[str, Any], str, str]:
-    """A record's JSON object (floats as Decimal, exactly), with its Name and StatusTime
-    checked to be there as strings; RecordError saying what is wrong otherwise."""
-    try:
-        body = _JSON.decode(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"not JSON (not UTF-8): {exc}") from None
-    except ValueError as exc:
-        raise RecordError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RecordError(f"expected a JSON object, got {type(body).__name__}")
-    name = body.get("Name")
-    if not isinstance(name, str) or not name:
-        raise RecordError("Name is missing or not a non-empty string")
-    status_time = body.get("StatusTime")
-    if not isinstance(status_time, str):
-        raise RecordError("StatusTime is missing or not a string")
-    return body, name, status_time
 
 
 def _decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[ItemKey, Item]:
@@ -207,32 +136,6 @@ def _epoch_ms_cached(text: str) -> int:
     return status_time_to_epoch_ms(text)
 
 
-def status_time_to_epoch_ms(text: str) -> int:
-    """`2016-02-12 00:01:00.000` (UTC, no zone) -> epoch milliseconds."""
-    match = _STATUS_TIME.fullmatch(text)
-    if match is None:
-        raise RecordError(f"StatusTime {text!r} is not YYYY-MM-DD HH:MM:SS.mmm")
-    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
-    fraction = match.group(7) or "0"
-    try:
-        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-        _check_ranges(year, month, day, hour, minute, second)
-    except ValueError:
-        raise RecordError(f"StatusTime {text!r} is not a valid time") from None
-    return seconds * 1000 + int(fraction.ljust(3, "0")[:3])
-
-
-def _check_ranges(year: int, month: int, day: int, hour: int, minute: int, second: int) -> None:
-    if not 1 <= month <= 12:
-        raise ValueError
-    # calendar.timegm does not check the day: 2016-02-30 would silently become 2016-03-01.
-    last_day = calendar.monthrange(year, month)[1]
-    # Second 60 (a leap second) is refused: in epoch_ms it would land on the next minute's key
-    # and overwrite that record.
-    if not (1 <= day <= last_day and hour < 24 and minute < 60 and second < 60):
-        raise ValueError
-
-
 def _attribute(field: str, value: Any) -> AttributeValue:
     if type(value) is int:  # the common case, checked first (bool is not int by `type`)
         text = str(value)
@@ -273,9 +176,3 @@ def _check_precision(field: str, value: int | Decimal) -> None:
         raise RecordError(
             f"{field} does not fit a DynamoDB number (38 significant digits, 1E-130 to 1E+126)"
         )
-
-
-def item_key_of(item: Item) -> ItemKey:
-    """The (Name, StatusTime) key of an item in wire format."""
-    status = item["StatusTime"]
-    return item["Name"]["S"], status.get("N") or status["S"]

@@ -28,11 +28,11 @@ from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.config import Settings
 from wildrydes_stream.copy.app import Service
-from wildrydes_stream.copy.item import status_time_to_epoch_ms
 from wildrydes_stream.local.emulators import Emulator
 from wildrydes_stream.local.fleet import Expected, RawFleet
 from wildrydes_stream.local.summary import Counts, LiveSummary, Stage
 from wildrydes_stream.local.webhook import AlertReceiver
+from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.signals import install_signal_handlers
 
 DRAIN_TIMEOUT = 120.0

@@ -25,9 +25,9 @@ from typing import IO, Any, Protocol, TypeVar
 
 from wildrydes_stream.aws.retry import backoff_delay, error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter
 from wildrydes_stream.sink.letters import dumps, entry
 
 log = logging.getLogger(__name__)

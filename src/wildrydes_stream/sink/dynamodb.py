@@ -31,9 +31,9 @@ from wildrydes_stream.aws.retry import (
     fault_of,
 )
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter, Envelope, ItemKey, item_key_of
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey, item_key_of
 from wildrydes_stream.runtime.background import BackgroundTasks
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_or_timeout

@@ -33,9 +33,9 @@ from wildrydes_stream.aws.retry import (
     fault_of,
 )
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter, Tenure
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter, Tenure
 from wildrydes_stream.runtime.background import BackgroundTasks
 from wildrydes_stream.sink.deadletter import DeadLetters
 

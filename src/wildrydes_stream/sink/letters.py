@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from wildrydes_stream.copy.item import DeadLetter
 from wildrydes_stream.errors import ConfigError
+from wildrydes_stream.records.envelope import DeadLetter
 
 OMITTED_NOTE = " (record data too large for SQS, omitted)"
 

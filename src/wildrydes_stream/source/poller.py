@@ -26,10 +26,10 @@ from wildrydes_stream.aws.retry import (
     fault_of,
 )
 from wildrydes_stream.config import Settings
-from wildrydes_stream.copy.item import DeadLetter, Envelope, ItemKey, decode_item
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
 
@@ -96,14 +96,12 @@ class ShardPoller:
         send_dead_letters: SendDeadLetters,
         metrics: Metrics,
         stopping: asyncio.Event,
+        decode: Decode,
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
-        decode: Decode | None = None,
     ) -> None:
         self.shard_id = shard_id
-        self._decode: Decode = decode or (
-            lambda data: decode_item(data, settings.status_time_format)
-        )
+        self._decode = decode
         self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self._client = client
         self._settings = settings

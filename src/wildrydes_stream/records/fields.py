@@ -1,0 +1,63 @@
+"""The fields every record of this project shares: a JSON object with a string `Name` and a
+`StatusTime` of `YYYY-MM-DD HH:MM:SS.mmm` (UTC, no zone)."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+from decimal import Decimal
+from typing import Any, Final
+
+from wildrydes_stream.errors import RecordError
+
+_STATUS_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z?")
+
+# One decoder for every record: json.loads with parse_float would build a new one each call.
+_JSON: Final = json.JSONDecoder(parse_float=Decimal)
+
+
+def decode_body(data: bytes) -> tuple[dict[str, Any], str, str]:
+    """A record's JSON object (floats as Decimal, exactly), with its Name and StatusTime
+    checked to be there as strings; RecordError saying what is wrong otherwise."""
+    try:
+        body = _JSON.decode(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not JSON (not UTF-8): {exc}") from None
+    except ValueError as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RecordError(f"expected a JSON object, got {type(body).__name__}")
+    name = body.get("Name")
+    if not isinstance(name, str) or not name:
+        raise RecordError("Name is missing or not a non-empty string")
+    status_time = body.get("StatusTime")
+    if not isinstance(status_time, str):
+        raise RecordError("StatusTime is missing or not a string")
+    return body, name, status_time
+
+
+def status_time_to_epoch_ms(text: str) -> int:
+    """`2016-02-12 00:01:00.000` (UTC, no zone) -> epoch milliseconds."""
+    match = _STATUS_TIME.fullmatch(text)
+    if match is None:
+        raise RecordError(f"StatusTime {text!r} is not YYYY-MM-DD HH:MM:SS.mmm")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction = match.group(7) or "0"
+    try:
+        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+        _check_ranges(year, month, day, hour, minute, second)
+    except ValueError:
+        raise RecordError(f"StatusTime {text!r} is not a valid time") from None
+    return seconds * 1000 + int(fraction.ljust(3, "0")[:3])
+
+
+def _check_ranges(year: int, month: int, day: int, hour: int, minute: int, second: int) -> None:
+    if not 1 <= month <= 12:
+        raise ValueError
+    # calendar.timegm does not check the day: 2016-02-30 would silently become 2016-03-01.
+    last_day = calendar.monthrange(year, month)[1]
+    # Second 60 (a leap second) is refused: in epoch_ms it would land on the next minute's key
+    # and overwrite that record.
+    if not (1 <= day <= last_day and hour < 24 and minute < 60 and second < 60):
+        raise ValueError
