@@ -293,6 +293,12 @@ class Settings:
     def owner(self) -> str:
         return self.worker_id or _default_worker_id()
 
+    @property
+    def state_table_name(self) -> str:
+        """Where the applications' per-shard state lives (windows, alert states): beside the
+        lease table, named after it; created if missing."""
+        return f"{self.lease_table_name}-state"
+
     def starting_datetime(self) -> datetime | None:
         if not self.starting_timestamp:
             return None

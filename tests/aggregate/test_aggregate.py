@@ -25,6 +25,7 @@ from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
+from wildrydes_stream.consumer.statestore import StateRef, StateStore
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.produce.model import NAMES, Unicorn, status_time
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
@@ -310,12 +311,13 @@ async def test_a_window_spanning_a_restart_is_put_with_all_its_readings(
         await wait_output(kinesis, s.stream_name, reference(before))
         last = results[-1]["SequenceNumber"]
         await wait_for(lambda: _checkpoint_is(dynamodb, s.aggregate_lease_table_name, last))
-    [state] = [
-        lease.state
-        for lease in (await LeaseTable(dynamodb, s.aggregate_lease_table_name, "r").all()).values()
-    ]
-    assert state is not None
-    assert len(json.loads(state)["windows"]) == 2
+    [lease] = (await LeaseTable(dynamodb, s.aggregate_lease_table_name, "r").all()).values()
+    store = StateStore(
+        dynamodb, s.replace(lease_table_name=s.aggregate_lease_table_name).state_table_name
+    )
+    entries = await store.load(lease.shard_id, StateRef.decode(lease.state_ref))
+    windows = sorted(key for key in entries if key[1].startswith("w:"))
+    assert [name for name, _ in windows] == ["Rocinante", "Shadowfax"]
 
     await put_records(kinesis, s.raw_stream_name, after)
     async with aggregating(s.replace(worker_id="another-worker")):
@@ -360,42 +362,35 @@ async def _some_output(kinesis: Any, stream: str, count: int) -> bool:
     return len(await read_stream(kinesis, stream)) >= count
 
 
-# --- the checkpoint never passes a window not yet put -----------------------------------------
+# --- a window not yet put is never lost -----------------------------------------------------
 
 
-async def test_checkpoint_waits_for_the_put_of_every_window_it_passes(
+async def test_windows_not_yet_put_are_checkpointed_as_unput_and_put_after_a_restart(
     streams: Settings, kinesis: Any, dynamodb: Any, kinesis_proxy: FaultProxy
 ) -> None:
+    """Readings are done once merged, so the checkpoint passes them while PutRecords fails;
+    the state stored with it marks their windows unput, and whoever reads on puts them."""
     s = streams
     readings = interleave(ride("Pegasus", range(150), 21), ride("Brego", range(150), 22))
     await put_records(kinesis, s.raw_stream_name, readings)
     kinesis_proxy.fail("PutRecords", KINESIS_THROTTLED, times=None)
     async with aggregating(s) as aggregator:
         await wait_for(holds(lambda: kinesis_proxy.injected["PutRecords"] >= 5))
-        # The proxy counts an answer when it sends it; the service when it has read it.
-        await wait_for(
-            holds(lambda: metric(aggregator, "wildrydes_throttles_total", api="PutRecords") >= 5)
-        )
-        assert await read_stream(kinesis, s.stream_name) == []
-
-        # Everything read, nothing put: no checkpoint moved past the start.
-        def read() -> float:
-            return sum(
-                metric(aggregator, "wildrydes_records_read_total", shard=shard)
-                for shard in aggregator.windows.aggregation.shards
-            )
-
-        await wait_for(holds(lambda: read() == len(readings)))
-        assert set((await checkpoints(dynamodb, s.aggregate_lease_table_name)).values()) <= {
-            "TRIM_HORIZON"
-        }
-
-        # Half of each PutRecords refused entry by entry: still nothing past an unput window.
-        kinesis_proxy.clear()
-        kinesis_proxy.fail_entries(times=3, forward=0)
-        expected = reference(readings)
-        await wait_output(kinesis, s.stream_name, expected)
         await wait_for(lambda: _all_checkpointed(dynamodb, s))
+        assert await read_stream(kinesis, s.stream_name) == []
+        leases = await LeaseTable(dynamodb, s.aggregate_lease_table_name, "r").all()
+        store = aggregator.state_store
+        assert store is not None
+        unput = 0
+        for lease in leases.values():
+            entries = await store.load(lease.shard_id, StateRef.decode(lease.state_ref))
+            unput += sum(1 for (_, part), v in entries.items() if part.startswith("w:") and v[3])
+        assert unput > 0
+    # Stopped with the puts still refused (the grace period ends the drain).
+    kinesis_proxy.clear()
+    kinesis_proxy.fail_entries(times=3, forward=0)
+    async with aggregating(s.replace(worker_id="another-worker")):
+        await wait_output(kinesis, s.stream_name, reference(readings))
         assert not dead_letters(s)
 
 
@@ -459,34 +454,32 @@ async def test_aggregate_refuses_to_start_without_its_output_stream(
 
 
 def test_windows_rebuilt_from_any_checkpoint_come_out_with_the_same_values() -> None:
-    """For every checkpoint C inside interleaved windows: the snapshot at C plus the readings
-    after C give every window exactly the aggregate of all its readings."""
+    """For every checkpoint C inside interleaved windows: the state stored later than C (the
+    windows run ahead of the checkpoint) plus the readings after C, read again, give every
+    window exactly the aggregate of all its readings: those read twice count once."""
     from wildrydes_stream.aggregate.readings import decode_reading
-    from wildrydes_stream.aggregate.windows import ShardWindows
+    from wildrydes_stream.aggregate.windows import Emission, ShardWindows
+    from wildrydes_stream.consumer.state import Entries
 
     raw = interleave(ride("Falada", range(130), 31), ride("Binky", range(130), 32))
     readings = [decode_reading(json.dumps(r).encode())[1] for r in raw]
 
-    def run(start: int, state: list[bytes]) -> dict[Key, Any]:
+    def run(start: int, state: list[Entries]) -> dict[Key, Any]:
         windows = ShardWindows("shardId-0", 60_000, 10_000, 120_000)
-        windows.restore(state)
-        out: dict[Key, Any] = {}
-        for sequence, r in enumerate(readings[start:], start):
-            for e in windows.add(sequence, r, 0.0).emissions:
-                out[e.name, str(e.start_ms)] = e.values
+        emissions: list[Emission] = windows.restore(state)
+        for r in readings[start:]:
+            emissions += windows.add(r, 0.0).emissions
         for name in ("Falada", "Binky"):
-            for e in windows.idle(name):
-                out[e.name, str(e.start_ms)] = e.values
-        return out
+            emissions += windows.idle(name)
+        return {(e.name, str(e.start_ms)): e.values for e in emissions}
 
     whole = run(0, [])
     for checkpoint in (5, 64, 119, 130, 200, 250):
         first = ShardWindows("shardId-0", 60_000, 10_000, 120_000)
-        for sequence, r in enumerate(readings[: checkpoint + 40]):  # read past C
-            first.add(sequence, r, 0.0)
-        state = first.snapshot(checkpoint)
+        for r in readings[: checkpoint + 40]:  # read past C before the state is stored
+            first.add(r, 0.0)
+        state = first.entries()
         again = run(checkpoint + 1, [state])
-        # Every window the replay touches comes out whole; the others were put before C.
         assert again, checkpoint
         for key, values in again.items():
             assert values == whole[key], (checkpoint, key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
@@ -20,6 +20,8 @@ from tests.helpers import holds, put_records, scan_table, wait_for
 from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.config import Settings, load_settings
 from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.state import StateKey
+from wildrydes_stream.consumer.statestore import StateRef, StateStore
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.errors import ConfigError, WildrydesError
 
@@ -139,26 +141,63 @@ async def test_nothing_fires_at_or_above_the_threshold(
     assert len(await scan_table(dynamodb, alerting.table_name)) == 5
 
 
-def test_the_snapshot_at_a_checkpoint_is_the_state_as_of_that_record() -> None:
+MINUTE = 60_000
+
+
+def test_the_state_at_a_checkpoint_is_the_state_as_of_that_record() -> None:
     states = UnicornStates(50)
     states.restore("shard", [])
-    assert states.evaluate("shard", 10, "Shadowfax", 40) == "firing"
-    assert states.evaluate("shard", 20, "Shadowfax", 60) == "resolved"
-    assert states.evaluate("shard", 30, "Bucephalus", 10) == "firing"
+    assert states.evaluate("shard", 10, "Shadowfax", 40, MINUTE) == "firing"
+    assert states.evaluate("shard", 20, "Shadowfax", 60, 2 * MINUTE) == "resolved"
+    assert states.evaluate("shard", 30, "Bucephalus", 10, MINUTE) == "firing"
 
-    def low(snapshot: bytes | None) -> list[str]:
-        assert snapshot is not None
-        return list(json.loads(snapshot)["low"])
+    def low(entries: Mapping[StateKey, Any]) -> list[str]:
+        return sorted(name for (name, _), value in entries.items() if value["low"])
 
-    at_15 = states.snapshot("shard", 15)
+    at_15 = states.entries("shard", 15)
     assert low(at_15) == ["Shadowfax"]
     # Records after the checkpoint are read again after a crash: from the state at 15 they
     # raise the same alerts as the first time.
     replay = UnicornStates(50)
-    replay.restore("shard", [at_15 or b""])
-    assert replay.evaluate("shard", 20, "Shadowfax", 60) == "resolved"
-    assert low(states.snapshot("shard", 25)) == []
-    assert low(states.snapshot("shard", None)) == ["Bucephalus"]
+    replay.restore("shard", [at_15])
+    assert replay.evaluate("shard", 20, "Shadowfax", 60, 2 * MINUTE) == "resolved"
+    assert low(states.entries("shard", 25)) == []
+    assert low(states.entries("shard", None)) == ["Bucephalus"]
+
+
+def test_windows_out_of_event_time_order_never_re_fire_or_re_resolve() -> None:
+    """A late reading re-puts minute M after minute M+1 (or a throttled put lands after the
+    next minute's): one dip gives exactly one firing and one resolved."""
+    states = UnicornStates(50)
+    states.restore("shard", [])
+    arrivals = [(1, 100), (2, 40), (3, 45), (2, 40), (4, 60), (3, 45), (2, 40), (5, 70)]
+    alerts = [
+        states.evaluate("shard", sequence, "Shadowfax", magic, minute * MINUTE)
+        for sequence, (minute, magic) in enumerate(arrivals)
+    ]
+    assert [a for a in alerts if a is not None] == ["firing", "resolved"]
+
+
+def test_a_child_shard_takes_only_the_unicorns_its_hash_range_holds() -> None:
+    """After a split, the child that never sees a low unicorn must not keep it low."""
+    from wildrydes_stream.consumer.state import hash_key, held_by
+
+    states = UnicornStates(50)
+    states.restore("parent", [])
+    names = [f"unicorn-{i}" for i in range(400)]
+    for sequence, name in enumerate(names):
+        states.evaluate("parent", sequence, name, 10, MINUTE)
+    parent = states.entries("parent", None)
+    middle = 2**127
+    lower, upper = ("0", str(middle - 1)), (str(middle), str(2**128 - 1))
+    for child, hash_range in (("lower", lower), ("upper", upper)):
+        states.restore(child, [held_by(hash_range, parent)])
+    assert states.low("lower") | states.low("upper") == set(names)
+    assert not states.low("lower") & states.low("upper")
+    assert all(hash_key(name) < middle for name in states.low("lower"))
+    # Merged again: the union, each unicorn once.
+    states.restore("merged", [states.entries("lower", None), states.entries("upper", None)])
+    assert states.low("merged") == set(names)
 
 
 # --- destinations ----------------------------------------------------------------------------
@@ -270,9 +309,15 @@ async def test_a_failing_webhook_holds_the_checkpoint_until_the_alert_is_deliver
 
     await wait_for(checkpointed_past_it)
     assert webhook.summary() == [("Shadowfax", "firing", "2016-02-12 00:01:00.000")]
-    lease = await the_lease(dynamodb, alerting)
-    assert lease.state is not None
-    assert json.loads(lease.state)["low"] == ["Shadowfax"]
+    assert await stored_low(dynamodb, alerting) == ["Shadowfax"]
+
+
+async def stored_low(dynamodb: Any, settings: Settings) -> list[str]:
+    """The unicorns the lease's stored state says are low."""
+    lease = await the_lease(dynamodb, settings)
+    store = StateStore(dynamodb, settings.state_table_name)
+    entries = await store.load(lease.shard_id, StateRef.decode(lease.state_ref))
+    return sorted(name for (name, _), value in entries.items() if value["low"])
 
 
 @pytest.mark.parametrize("next_worker", ["test-worker", "another-worker"])
@@ -282,9 +327,7 @@ async def test_a_restart_or_hand_off_mid_episode_sends_no_repeat(
     await put_records(kinesis, alerting.stream_name, aggregates("Shadowfax", [100, 40, 45]))
     await run_once(alerting)
     assert webhook.summary() == [("Shadowfax", "firing", "2016-02-12 00:01:00.000")]
-    lease = await the_lease(dynamodb, alerting)
-    assert lease.state is not None
-    assert json.loads(lease.state)["low"] == ["Shadowfax"]
+    assert await stored_low(dynamodb, alerting) == ["Shadowfax"]
 
     # Still low, then back: the next owner knows the episode is alerted already.
     await put_records(kinesis, alerting.stream_name, aggregates("Shadowfax", [42, 44, 60], 3))
@@ -293,7 +336,7 @@ async def test_a_restart_or_hand_off_mid_episode_sends_no_repeat(
         ("Shadowfax", "firing", "2016-02-12 00:01:00.000"),
         ("Shadowfax", "resolved", "2016-02-12 00:05:00.000"),
     ]
-    assert json.loads((await the_lease(dynamodb, alerting)).state or b"")["low"] == []
+    assert await stored_low(dynamodb, alerting) == []
 
 
 # --- metrics ---------------------------------------------------------------------------------

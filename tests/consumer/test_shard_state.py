@@ -3,7 +3,7 @@ conditional write, restored when the next tenure (this worker or another) starts
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tests.copy.test_faults import make_records
@@ -11,6 +11,8 @@ from tests.helpers import put_records
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import Consumer, Sink, Wiring
 from wildrydes_stream.consumer.leases import LeaseTable
+from wildrydes_stream.consumer.state import Changes, Entries, StateKey
+from wildrydes_stream.consumer.statestore import StateRef, StateStore
 from wildrydes_stream.copy.app import TableCopy
 from wildrydes_stream.records.envelope import Envelope
 
@@ -18,25 +20,37 @@ from wildrydes_stream.records.envelope import Envelope
 class CountingState:
     """Counts the records of each shard up to a sequence: the simplest state with a history."""
 
+    KEY = ("all", "count")
+
     def __init__(self) -> None:
         self.seen: dict[str, list[int]] = {}
-        self.restored: dict[str, list[bytes]] = {}
+        self.restored: dict[str, Sequence[Mapping[StateKey, Any]]] = {}
         self.base: dict[str, int] = {}
 
     def note(self, shard_id: str, sequence: int) -> None:
         self.seen.setdefault(shard_id, []).append(sequence)
 
-    def snapshot(self, shard_id: str, upto: int | None) -> bytes | None:
-        seen = [s for s in self.seen.get(shard_id, []) if upto is None or s <= upto]
-        return json.dumps({"count": self.base.get(shard_id, 0) + len(seen)}).encode()
+    def changes(self, shard_id: str, upto: int | None) -> Changes:
+        return self.entries(shard_id, upto)
 
-    def restore(self, shard_id: str, states: list[bytes]) -> None:
-        self.restored[shard_id] = states
-        self.base[shard_id] = sum(json.loads(s)["count"] for s in states)
+    def entries(self, shard_id: str, upto: int | None) -> Entries:
+        seen = [s for s in self.seen.get(shard_id, []) if upto is None or s <= upto]
+        return {self.KEY: self.base.get(shard_id, 0) + len(seen)}
+
+    def restore(self, shard_id: str, parts: Sequence[Mapping[StateKey, Any]]) -> None:
+        self.restored[shard_id] = parts
+        self.base[shard_id] = sum(part[self.KEY] for part in parts if self.KEY in part)
         self.seen[shard_id] = []
 
     def forget(self, shard_id: str) -> None:
         self.seen.pop(shard_id, None)
+
+
+async def stored(dynamodb: Any, settings: Settings) -> tuple[str, Entries]:
+    """The one lease's shard and the state its checkpoint names."""
+    [lease] = (await LeaseTable(dynamodb, settings.lease_table_name, "reader").all()).values()
+    store = StateStore(dynamodb, settings.state_table_name)
+    return lease.shard_id, await store.load(lease.shard_id, StateRef.decode(lease.state_ref))
 
 
 class CountingSink:
@@ -84,16 +98,14 @@ async def test_state_is_saved_with_the_checkpoint_and_restored_by_the_next_owner
     first, second = make_records(30), make_records(50)[30:]
     await put_records(kinesis, one_shard.stream_name, first)
     await run_once(one_shard)
-    [lease] = (await LeaseTable(dynamodb, one_shard.lease_table_name, "reader").all()).values()
-    assert lease.state is not None
-    assert json.loads(lease.state) == {"count": 30}
+    _, entries = await stored(dynamodb, one_shard)
+    assert entries == {CountingState.KEY: 30}
 
     await put_records(kinesis, one_shard.stream_name, second)
     counter = await run_once(one_shard.replace(worker_id="another-worker"))
 
-    [(shard, states)] = counter.restored.items()
-    assert [json.loads(s) for s in states] == [{"count": 30}]
-    [lease] = (await LeaseTable(dynamodb, one_shard.lease_table_name, "reader").all()).values()
-    assert lease.state is not None
-    assert json.loads(lease.state) == {"count": 50}
-    assert lease.shard_id == shard
+    [(shard, parts)] = counter.restored.items()
+    assert parts == [{CountingState.KEY: 30}]
+    stored_shard, entries = await stored(dynamodb, one_shard)
+    assert entries == {CountingState.KEY: 50}
+    assert stored_shard == shard

@@ -324,7 +324,7 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
     checkpoint = LeaseTable.checkpoint
 
     async def record_shard_end(
-        self: LeaseTable, lease: Lease, value: str, state: bytes | None = None
+        self: LeaseTable, lease: Lease, value: str, state: str | None = None
     ) -> None:
         if value == SHARD_END:
             shard_ends.append((lease.shard_id, len(parent_written)))

@@ -121,6 +121,7 @@ async def _move(dynamodb: Any, table: LeaseTable, lease: Lease, target: Target) 
         "pendingCheckpointSubSequenceNumber",
         "pendingCheckpointState",
         "wildrydesState",
+        "wildrydesStateRef",
         "checkpointOwner",
     ]
     if target.moment_ms is None:

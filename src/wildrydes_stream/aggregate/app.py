@@ -1,12 +1,13 @@
 """`aggregate`: the consumer that turns raw readings into per-minute windows on a stream.
 
-    poller -> WindowSink.put -> ShardWindows (windows, watermark) -> StreamWriter (PutRecords)
-                                     ^ idle timers                      | acks the readings
+    poller -> WindowSink.put_many -> ShardWindows (per unicorn) -> StreamWriter (PutRecords)
+                                          ^ idle timers                 | acknowledges puts
 
-The raw stream is read with the consumer core under its own lease table. A reading is
-acknowledged (and so may be checkpointed) only once a put of its window holds it; the windows
-as of each checkpoint are stored with it (`Aggregation` is the core's ShardState), so a restart
-puts every window again with exactly the values it would have had. See windows.py.
+The raw stream is read with the consumer core under its own lease table. A reading is done
+(and may be checkpointed) once merged into its window; the windows are the core's per-shard
+state (`Aggregation` implements ShardState), stored with each checkpoint in the state table,
+so a restart, a hand-off or a reshard puts every window with exactly the values its readings
+give. See windows.py for the rules (event time per unicorn, duplicates, late readings).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
@@ -28,12 +30,12 @@ from wildrydes_stream.aggregate.windows import Added, Emission, ShardWindows
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import Consumer, Wiring
+from wildrydes_stream.consumer.state import Changes, Entries, ShardState, StateKey
 from wildrydes_stream.errors import MissingResourceError
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.kinesis import StreamRecord, StreamWriter
-from wildrydes_stream.source.poller import ShardState
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,29 @@ class Aggregation:
 
     # --- ShardState ---------------------------------------------------------------------
 
-    def snapshot(self, shard_id: str, upto: int | None) -> bytes | None:
+    def changes(self, shard_id: str, upto: int | None) -> Changes:
+        # The windows run at or ahead of the checkpoint: what is read again after a restart
+        # is a duplicate of what they hold (windows.py), so `upto` needs no folding here.
         windows = self.shards.get(shard_id)
-        return None if windows is None else windows.snapshot(upto)
+        return {} if windows is None else windows.changes()
 
-    def restore(self, shard_id: str, states: list[bytes]) -> None:
+    def entries(self, shard_id: str, upto: int | None) -> Entries:
+        windows = self.shards.get(shard_id)
+        return {} if windows is None else windows.entries()
+
+    def restore(self, shard_id: str, parts: Sequence[Mapping[StateKey, Any]]) -> None:
         self.forget(shard_id)
         windows = ShardWindows(shard_id, self._window_ms, self._lateness_ms, self._horizon_ms)
-        windows.restore(states)
         self.shards[shard_id] = windows
+        due = windows.restore(parts)
+        # Windows whose put was not acknowledged before: due ones go out now, the others when
+        # their unicorn speaks again or falls silent.
+        for name in {name for name, _ in windows.open}:
+            self._seen(shard_id, name)
+        if due:
+            self.count(due)
+            for writer in self._put_idle:
+                writer.submit_nowait([self.record(e) for e in due])
 
     def forget(self, shard_id: str) -> None:
         self.shards.pop(shard_id, None)
@@ -94,11 +110,14 @@ class Aggregation:
             return None
         # Envelope.item is typed for the table copy; this application's decode made a Reading.
         reading = cast(Reading, envelope.item)
-        windows.tenure = envelope.tenure
-        added = windows.add(envelope.sequence, reading, envelope.arrival)
-        if added.late and self.metrics is not None:
-            outcome = "dead_lettered" if added.refused else "merged"
-            self.metrics.late_readings.labels(outcome).inc()
+        added = windows.add(reading, envelope.arrival)
+        metrics = self.metrics
+        if added.duplicate:
+            if metrics is not None:
+                metrics.duplicate_readings.inc()
+            return added
+        if added.late and metrics is not None:
+            metrics.late_readings.labels("dead_lettered" if added.refused else "merged").inc()
         if not added.refused:
             self._seen(envelope.shard_id, reading.name)
         self.count(added.emissions)
@@ -139,15 +158,37 @@ class Aggregation:
                 writer.submit_nowait([self.record(e) for e in emissions])
 
     def record(self, emission: Emission) -> StreamRecord:
+        windows = self.shards.get(emission.shard_id)
         return StreamRecord(
             key=f"{emission.shard_id}/{emission.name}/{emission.start_ms}",
             partition_key=emission.name,
             data=encode_window(emission),
             shard_id=emission.shard_id,
-            tenure=emission.tenure,
-            sequences=emission.sequences,
+            tenure=_PutAck(self, windows, emission) if windows is not None else None,
+            sequences=[emission.version],
             arrival=emission.arrival,
         )
+
+
+class _PutAck:
+    """Where the stream writer acknowledges a window's put (the `Tenure` of its record): the
+    window is marked put at the version the record carried. A put for windows no longer held
+    here (the shard moved on) is dropped: the new owner puts the window itself."""
+
+    __slots__ = ("_aggregation", "_emission", "_windows")
+
+    def __init__(self, aggregation: Aggregation, windows: ShardWindows, emission: Emission):
+        self._aggregation = aggregation
+        self._windows = windows
+        self._emission = emission
+
+    @property
+    def fenced(self) -> bool:
+        return self._aggregation.shards.get(self._emission.shard_id) is not self._windows
+
+    def finish(self, sequence: int) -> None:
+        e = self._emission
+        self._windows.acknowledged(e.name, e.start_ms, sequence)
 
 
 def encode_window(emission: Emission) -> bytes:
@@ -191,29 +232,36 @@ class WindowSink:
         self._writer.start()
 
     async def put_many(self, envelopes: list[Envelope]) -> None:
-        # Windows keep the values, not the records: their bytes leave the byte bound now, so
-        # readings waiting for their window never stop the pollers (which would stop the
-        # watermark that closes the windows).
+        """Merge a page's readings in order; each is done once merged (or dead-lettered, the
+        refused ones of the page in one batch). Due windows go to the writer, which waits
+        while `queue_size` window records are queued: a slow or failing output stream holds
+        the pollers back, never grows memory."""
+        # Windows keep aggregates, not readings: the records' bytes leave the byte bound now.
         self._budget.give_back(sum(len(envelope.data) for envelope in envelopes))
+        refused: list[Envelope] = []
+        emissions: list[Emission] = []
         for envelope in envelopes:
-            await self._put(envelope)
-
-    async def _put(self, envelope: Envelope) -> None:
-        if envelope.tenure.fenced:
-            return
-        added = self._aggregation.add(envelope)
-        if added is None:
-            return
-        if added.refused:
-            await self._deadletters.send([self._late(envelope)])
+            if envelope.tenure.fenced:
+                continue
+            added = self._aggregation.add(envelope)
+            if added is None:
+                continue
+            if added.refused:
+                refused.append(envelope)
+                continue
+            emissions += added.emissions
             envelope.tenure.finish(envelope.sequence)
-            return
-        await self._writer.submit([self._aggregation.record(e) for e in added.emissions])
+        if refused:
+            await self._deadletters.send([self._late(envelope) for envelope in refused])
+            for envelope in refused:
+                envelope.tenure.finish(envelope.sequence)
+        if emissions:
+            await self._writer.submit([self._aggregation.record(e) for e in emissions])
 
     def _late(self, envelope: Envelope) -> DeadLetter:
         return DeadLetter(
             envelope.data,
-            "more than late_horizon_seconds behind the shard's watermark",
+            "more than late_horizon_seconds behind its unicorn's watermark",
             "late",
             self._stream,
             envelope.shard_id,
@@ -222,8 +270,8 @@ class WindowSink:
         )
 
     async def drain(self) -> None:
-        """Put what is due; windows still open stay open (their readings are not
-        checkpointed, and are read again after a restart)."""
+        """Put what is due; windows still open stay open (the checkpointed state holds
+        them, marked unput)."""
         await self._writer.drain()
 
     async def stop(self) -> None:

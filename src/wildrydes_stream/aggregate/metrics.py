@@ -47,6 +47,13 @@ class AggregateMetrics:
         )
         for outcome in LATE_OUTCOMES:
             self.late_readings.labels(outcome)
+        self.duplicate_readings = Counter(
+            "aggregate_duplicate_readings_total",
+            "Readings with the Name and StatusTime of one already in their window (a producer's "
+            "retry, or a replay after a restart): counted once.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.records_put = Counter(
             "aggregate_records_put_total",
             "Window records acknowledged by PutRecords on the output stream.",

@@ -44,8 +44,15 @@ def decode_reading(data: bytes) -> tuple[ItemKey, Reading]:
     return (reading.name, status_time), reading
 
 
+# A window record's partition key is the unicorn's Name, and Kinesis takes partition keys of
+# up to 256 Unicode characters: a longer Name could never be put, so it is refused here.
+MAX_NAME_LENGTH: Final = 256
+
+
 def _decode(data: bytes) -> tuple[Reading, str]:
     body, name, status_time = decode_body(data)
+    if len(name) > MAX_NAME_LENGTH:
+        raise RecordError(f"Name is longer than {MAX_NAME_LENGTH} characters")
     time_ms = status_time_to_epoch_ms(status_time)
     reading = Reading(
         name,

@@ -1,36 +1,48 @@
-"""Tumbling event-time windows and the watermark of one shard (no I/O, no clocks).
+"""Tumbling event-time windows of one shard, each unicorn on its own clock (no I/O, no timers).
 
-A window is (Name, start): the readings whose StatusTime falls in [start, start + length). The
-shard's watermark is the latest StatusTime read on it minus the allowed lateness; a window is
-due once the watermark passes its end. A reading for a window already due is merged and the
-window put again (downstream keeps the latest aggregate per key); one more than the late
-horizon behind the watermark is refused (dead-lettered by the caller).
+A window is (Name, start): the readings whose StatusTime falls in [start, start + length).
 
-The raw stream's checkpoint C may only pass readings whose window was put, and after a restart
-every window must come out with the values it would have had. Readings of many windows
-interleave in a shard, so a window can hold readings on both sides of C: replaying from C alone
-would rebuild it partially. So each window keeps its readings after the last checkpoint one by
-one, (sequence, reading), and a `base` aggregate of those at or below it; `snapshot(C)` folds the
-readings <= C into the base and stores the bases (and the watermark as of C) with the
-checkpoint. A restart loads them and the replayed readings (> C) merge in again.
+**Event time per unicorn.** Each unicorn has its own watermark: the latest StatusTime it sent,
+less the allowed lateness. Its window is put once its own watermark passes the window's end.
+One unicorn's clock, ahead or behind, never moves another's windows: a unicorn two hours ahead
+puts its own windows two hours early, and nobody else's. A reading more than the late horizon
+behind its own unicorn's watermark is refused (dead-lettered by the caller): so a unicorn whose
+clock jumps ahead and back refuses its own readings until they catch up, and only its own.
+
+**Counted once.** A reading with the same Name and StatusTime as one already in its window is a
+duplicate (a producer's retry after a timeout puts the same reading twice under two sequence
+numbers): it is not counted again. Each window keeps the StatusTimes it holds (as offsets in
+the window, 4 bytes each) for exactly this.
+
+**Exact across restarts.** A reading is done once merged: the state stored with a checkpoint is
+every window (its aggregate and StatusTimes) and every unicorn's latest StatusTime, as of the
+moment the checkpoint is written, which is at or after the checkpoint's records. After a
+restart the records after the checkpoint are read again, and those already merged are
+duplicates by the rule above: every window comes out as its readings give it, once each. A
+window whose put is not acknowledged yet is stored as `unput`, and put again after a restart.
+
+Windows more than the late horizon behind their unicorn's watermark are forgotten (a later
+reading for them would be refused anyway).
 """
 
 from __future__ import annotations
 
-import json
-from collections import deque
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any
 
 from wildrydes_stream.aggregate.readings import Reading
-from wildrydes_stream.records.envelope import Tenure
+from wildrydes_stream.consumer.state import Changes, Entries, StateKey
 
 # Exact for any realistic number of readings: their digits are bounded in readings.py.
 _EXACT = Context(prec=200)
 
-WindowKey = tuple[str, int]
-"""(Name, window start in epoch ms)."""
+UNICORN = "u"
+"""The part of a unicorn's own entry (its latest StatusTime)."""
+WINDOW = "w:"
+"""Prefix of a window's entry part, followed by its start in epoch ms."""
 
 
 @dataclass(slots=True)
@@ -80,51 +92,41 @@ class Aggregate:
 class Window:
     name: str
     start_ms: int
-    base: Aggregate | None = None
-    """The readings at or below the last checkpoint folded in (see the module doc)."""
-    readings: list[tuple[int, Reading]] = field(default_factory=list)
-    """Readings after the last checkpoint, in shard order."""
-    unsent: list[int] = field(default_factory=list)
-    """Sequences of readings not yet in a put of this window: acknowledged once one is."""
-    arrival: float = 0.0
-    """Kinesis arrival of the oldest unsent reading (for the record age cap)."""
+    values: Aggregate
+    seen: array[int] = field(default_factory=lambda: array("l"))
+    """StatusTimes merged, as ms offsets from the start (duplicates are refused by these)."""
+    version: int = 0
+    """Bumped by every reading merged."""
+    put_version: int = 0
+    """The version the last acknowledged put carried: the window is unput while below."""
     emitted: bool = False
     """Put at least once (a later put is a re-emission)."""
+    arrival: float = 0.0
+    """Kinesis arrival of the oldest reading not yet in a put (for the record age cap)."""
 
-    def aggregate(self) -> Aggregate:
-        total = self.base.copy() if self.base is not None else None
-        for _, reading in self.readings:
-            if total is None:
-                total = Aggregate.of(reading)
-            else:
-                total.add(reading)
-        assert total is not None, "a window always holds a reading"
-        return total
+    @property
+    def unput(self) -> bool:
+        return self.put_version < self.version
 
-    def fold(self, upto: int) -> None:
-        cut = 0
-        for sequence, reading in self.readings:
-            if sequence > upto:
-                break
-            if self.base is None:
-                self.base = Aggregate.of(reading)
-            else:
-                self.base.add(reading)
-            cut += 1
-        if cut:
-            del self.readings[:cut]
+    def encode(self) -> list[Any]:
+        return [self.values.encode(), list(self.seen), self.emitted, self.unput]
+
+
+@dataclass(slots=True)
+class Unicorn:
+    latest_ms: int
+    windows: dict[int, Window] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Emission:
-    """A window to put on the output stream; `sequences` are acknowledged once it is."""
+    """A window to put on the output stream, as it was when emitted."""
 
     shard_id: str
     name: str
     start_ms: int
     values: Aggregate
-    sequences: list[int]
-    tenure: Tenure | None
+    version: int
     arrival: float
     again: bool
     """The window was put before (a late reading, a restart, or the idle timeout)."""
@@ -132,11 +134,13 @@ class Emission:
 
 @dataclass(frozen=True, slots=True)
 class Added:
-    late: bool
+    late: bool = False
     """The reading's window was due already when it came."""
-    refused: bool
-    """More than the late horizon behind the watermark: not merged, dead-letter it."""
-    emissions: list[Emission]
+    refused: bool = False
+    """More than the late horizon behind its unicorn's watermark: dead-letter it."""
+    duplicate: bool = False
+    """Its window holds a reading with the same StatusTime: not counted again."""
+    emissions: list[Emission] = field(default_factory=list)
 
 
 class ShardWindows:
@@ -145,143 +149,180 @@ class ShardWindows:
         self._window_ms = window_ms
         self._lateness_ms = lateness_ms
         self._horizon_ms = horizon_ms
-        self.windows: dict[WindowKey, Window] = {}
-        self.open: dict[WindowKey, Window] = {}
-        """Windows holding readings not yet put."""
-        self.latest_ms: int | None = None
-        """Latest StatusTime read on the shard."""
-        self._base_latest_ms: int | None = None
-        self._rises: deque[tuple[int, int]] = deque()
-        """(sequence, latest_ms) each time a reading after the last checkpoint raised it."""
-        self.tenure: Tenure | None = None
+        self.unicorns: dict[str, Unicorn] = {}
+        self.open: dict[tuple[str, int], Window] = {}
+        """Windows holding readings not in any put yet, waiting for their end to be due."""
+        self._dirty: set[StateKey] = set()
 
     @property
     def watermark_ms(self) -> int | None:
-        return None if self.latest_ms is None else self.latest_ms - self._lateness_ms
+        """The furthest any unicorn's watermark has come (for the metrics)."""
+        if not self.unicorns:
+            return None
+        return max(u.latest_ms for u in self.unicorns.values()) - self._lateness_ms
 
-    def add(self, sequence: int, reading: Reading, arrival: float) -> Added:
-        before = self.watermark_ms
-        if self.latest_ms is None or reading.time_ms > self.latest_ms:
-            self.latest_ms = reading.time_ms
-            self._rises.append((sequence, reading.time_ms))
-        watermark = self.watermark_ms
-        assert watermark is not None
-        start = reading.time_ms - reading.time_ms % self._window_ms
-        late = start + self._window_ms <= watermark
-        if reading.time_ms < watermark - self._horizon_ms:
-            return Added(True, True, [])
-        key = (reading.name, start)
-        window = self.windows.get(key)
+    def add(self, reading: Reading, arrival: float) -> Added:
+        name, time_ms, length = reading.name, reading.time_ms, self._window_ms
+        start = time_ms - time_ms % length
+        unicorn = self.unicorns.get(name)
+        if unicorn is None:
+            unicorn = self.unicorns[name] = Unicorn(time_ms)
+            self._dirty.add((name, UNICORN))
+        window = unicorn.windows.get(start)
+        offset = time_ms - start
+        if window is not None and offset in window.seen:
+            return Added(duplicate=True)
+        before = unicorn.latest_ms - self._lateness_ms
+        if time_ms < before - self._horizon_ms:
+            return Added(late=True, refused=True)
+        if time_ms > unicorn.latest_ms:
+            unicorn.latest_ms = time_ms
+            self._dirty.add((name, UNICORN))
         if window is None:
-            window = self.windows[key] = Window(reading.name, start)
-        window.readings.append((sequence, reading))
-        if not window.unsent:
-            window.arrival = arrival
-        window.unsent.append(sequence)
-        self.open[key] = window
-        emissions = [self._emit(window)] if late else []
+            window = unicorn.windows[start] = Window(name, start, Aggregate.of(reading))
+        else:
+            window.values.add(reading)
+        window.seen.append(offset)
+        if not window.unput:
+            window.arrival = arrival  # the oldest reading not in a put yet
+        window.version += 1
+        self._dirty.add((name, f"{WINDOW}{start}"))
+        watermark = unicorn.latest_ms - self._lateness_ms
+        late = start + length <= watermark
+        emissions: list[Emission] = []
+        if late:
+            emissions.append(self._emit(window))
+        else:
+            self.open[(name, start)] = window
         # Window ends sit on multiples of the length: only a crossing can make one due.
-        w = self._window_ms
-        if before is None or watermark // w > before // w:
-            emissions += self.due()
-        return Added(late, False, emissions)
+        if watermark // length > before // length:
+            emissions += self._due(unicorn, watermark)
+            self._expire(unicorn, watermark)
+        return Added(late=late, emissions=emissions)
 
-    def due(self) -> list[Emission]:
-        """Put every open window the watermark has passed."""
-        watermark = self.watermark_ms
-        if watermark is None:
-            return []
-        ends = self._window_ms
+    def _due(self, unicorn: Unicorn, watermark: int) -> list[Emission]:
+        length = self._window_ms
         return [
             self._emit(window)
-            for window in list(self.open.values())
-            if window.start_ms + ends <= watermark
+            for start, window in list(unicorn.windows.items())
+            if start + length <= watermark and (window.name, start) in self.open
         ]
+
+    def _expire(self, unicorn: Unicorn, watermark: int) -> None:
+        """Forget windows past the horizon: a reading for them would be refused."""
+        oldest = watermark - self._horizon_ms
+        for start, window in list(unicorn.windows.items()):
+            if start + self._window_ms <= oldest and not window.unput:
+                del unicorn.windows[start]
+                self._dirty.add((window.name, f"{WINDOW}{start}"))
 
     def idle(self, name: str) -> list[Emission]:
         """The unicorn went silent: put its open windows as they are."""
-        return [self._emit(w) for w in list(self.open.values()) if w.name == name]
+        unicorn = self.unicorns.get(name)
+        if unicorn is None:
+            return []
+        return [
+            self._emit(window)
+            for start, window in list(unicorn.windows.items())
+            if (name, start) in self.open
+        ]
 
     def has_open(self, name: str) -> bool:
-        return any(w.name == name for w in self.open.values())
+        unicorn = self.unicorns.get(name)
+        return unicorn is not None and any((name, s) in self.open for s in unicorn.windows)
 
     def _emit(self, window: Window) -> Emission:
+        self.open.pop((window.name, window.start_ms), None)
         emission = Emission(
             self.shard_id,
             window.name,
             window.start_ms,
-            window.aggregate(),
-            window.unsent,
-            self.tenure,
+            window.values.copy(),
+            window.version,
             window.arrival,
             window.emitted,
         )
-        window.unsent = []
         window.emitted = True
-        self.open.pop((window.name, window.start_ms), None)
         return emission
 
-    def snapshot(self, upto: int | None) -> bytes:
-        """The windows as of the readings up to `upto` (all when None), for the checkpoint.
-
-        Folds the readings at or below `upto` into the bases first: checkpoints only move
-        forward, so no later snapshot needs them one by one. Windows past the horizon with
-        nothing after the checkpoint are forgotten here."""
-        if upto is not None:
-            self._fold(upto)
-            latest, windows = (
-                self._base_latest_ms,
-                [
-                    (w.name, w.start_ms, w.emitted, w.base)
-                    for w in self.windows.values()
-                    if w.base is not None
-                ],
-            )
-        else:
-            latest, windows = (
-                self.latest_ms,
-                [(w.name, w.start_ms, w.emitted, w.aggregate()) for w in self.windows.values()],
-            )
-        state: dict[str, Any] = {
-            "v": 1,
-            "latest_ms": latest,
-            "windows": [
-                [name, start, emitted, aggregate.encode()]
-                for name, start, emitted, aggregate in windows
-                if aggregate is not None
-            ],
-        }
-        return json.dumps(state, separators=(",", ":")).encode()
-
-    def _fold(self, upto: int) -> None:
-        while self._rises and self._rises[0][0] <= upto:
-            self._base_latest_ms = self._rises.popleft()[1]
-        for window in self.windows.values():
-            window.fold(upto)
-        if self._base_latest_ms is None:
+    def acknowledged(self, name: str, start_ms: int, version: int) -> None:
+        """A put of the window at `version` is on the stream."""
+        unicorn = self.unicorns.get(name)
+        window = unicorn.windows.get(start_ms) if unicorn is not None else None
+        if window is None or version <= window.put_version:
             return
-        # Past the horizon as of the checkpoint: a replay from it would refuse any reading of
-        # these windows, so neither memory nor the snapshot needs them.
-        oldest = self._base_latest_ms - self._lateness_ms - self._horizon_ms
-        for key, window in list(self.windows.items()):
-            if window.start_ms + self._window_ms <= oldest and not window.readings:
-                del self.windows[key]
+        window.put_version = version
+        self._dirty.add((name, f"{WINDOW}{start_ms}"))
 
-    def restore(self, states: list[bytes]) -> None:
-        """Load the windows stored with the checkpoint this tenure starts from (or with each
-        parent's last one; a merge's two parents are combined)."""
-        for raw in states:
-            state = json.loads(raw)
-            latest = state.get("latest_ms")
-            if latest is not None and (self.latest_ms is None or latest > self.latest_ms):
-                self.latest_ms = self._base_latest_ms = int(latest)
-            for name, start, emitted, values in state.get("windows", []):
-                aggregate = Aggregate.decode(values)
-                key = (name, int(start))
-                window = self.windows.get(key)
-                if window is None:
-                    self.windows[key] = Window(name, int(start), aggregate, emitted=emitted)
-                else:
-                    assert window.base is not None
-                    window.base.merge(aggregate)
-                    window.emitted = window.emitted or emitted
+    # --- state --------------------------------------------------------------------------
+
+    def changes(self) -> Changes:
+        changed: Changes = {}
+        for key in self._dirty:
+            changed[key] = self._value(key)
+        self._dirty.clear()
+        return changed
+
+    def entries(self) -> Entries:
+        self._dirty.clear()
+        return dict(self._all())
+
+    def _all(self) -> Iterator[tuple[StateKey, Any]]:
+        for name, unicorn in self.unicorns.items():
+            yield (name, UNICORN), unicorn.latest_ms
+            for start, window in unicorn.windows.items():
+                yield (name, f"{WINDOW}{start}"), window.encode()
+
+    def _value(self, key: StateKey) -> Any:
+        name, part = key
+        unicorn = self.unicorns.get(name)
+        if unicorn is None:
+            return None
+        if part == UNICORN:
+            return unicorn.latest_ms
+        window = unicorn.windows.get(int(part.removeprefix(WINDOW)))
+        return None if window is None else window.encode()
+
+    def restore(self, parts: Sequence[Mapping[StateKey, Any]]) -> list[Emission]:
+        """Load the stored windows (a merge's two parents are combined); returns the windows
+        whose put was not acknowledged and whose unicorn's watermark has passed them: they
+        are put again now. Unput windows not yet due are open again."""
+        for entries in parts:
+            for (name, part), value in entries.items():
+                if part == UNICORN and isinstance(value, int):
+                    unicorn = self.unicorns.get(name)
+                    if unicorn is None:
+                        self.unicorns[name] = Unicorn(value)
+                    else:
+                        unicorn.latest_ms = max(unicorn.latest_ms, value)
+        for entries in parts:
+            for (name, part), value in entries.items():
+                if part.startswith(WINDOW):
+                    self._restore_window(name, int(part.removeprefix(WINDOW)), value)
+        emissions: list[Emission] = []
+        for (name, start), window in list(self.open.items()):
+            watermark = self.unicorns[name].latest_ms - self._lateness_ms
+            if start + self._window_ms <= watermark:
+                emissions.append(self._emit(window))
+        return emissions
+
+    def _restore_window(self, name: str, start: int, value: Any) -> None:
+        values, seen, emitted, unput = value
+        unicorn = self.unicorns.setdefault(name, Unicorn(start))
+        window = Window(name, start, Aggregate.decode(values), array("l", seen))
+        window.emitted, window.version = bool(emitted), 1
+        window.put_version = 0 if unput else 1
+        known = unicorn.windows.get(start)
+        if known is not None:
+            # The same window on both sides of a merge (its readings were not all routed by
+            # the unicorn's name): combine what does not overlap, keep the larger otherwise.
+            if set(known.seen).isdisjoint(window.seen):
+                known.values.merge(window.values)
+                known.seen.extend(window.seen)
+                known.put_version = 0
+                window = known
+            elif len(window.seen) <= len(known.seen):
+                return
+        unicorn.windows[start] = window
+        if window.unput:
+            self.open[(name, start)] = window

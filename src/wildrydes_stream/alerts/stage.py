@@ -90,20 +90,17 @@ class AlertStage:
             return None
         name = envelope.key[0]
         self._metrics.saw(envelope.shard_id, name, float(magic))
-        state = self._states.evaluate(envelope.shard_id, envelope.sequence, name, magic)
+        value = envelope.item["StatusTime"]
+        epoch_ms = int(value["N"]) if self._epoch_ms else status_time_to_epoch_ms(value["S"])
+        state = self._states.evaluate(envelope.shard_id, envelope.sequence, name, magic, epoch_ms)
         if state is None:
             return None
-        status_time, epoch_ms = self._status_time(envelope)
-        return Alert(name, status_time, epoch_ms, magic, self._states.threshold, state)
-
-    def _status_time(self, envelope: Envelope) -> tuple[str, int]:
-        value = envelope.item["StatusTime"]
         if self._epoch_ms:
-            ms = int(value["N"])
-            moment = datetime.fromtimestamp(ms // 1000, UTC)
-            return f"{moment:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d}", ms
-        text: str = value["S"]
-        return text, status_time_to_epoch_ms(text)
+            moment = datetime.fromtimestamp(epoch_ms // 1000, UTC)
+            status_time = f"{moment:%Y-%m-%d %H:%M:%S}.{epoch_ms % 1000:03d}"
+        else:
+            status_time = value["S"]
+        return Alert(name, status_time, epoch_ms, magic, self._states.threshold, state)
 
     async def put(self, alert: Alert, tenure: Tenure, sequence: int) -> None:
         """Queue an alert for delivery; waits while the queue is full."""

@@ -1,45 +1,78 @@
 """Which unicorns are low on magic, per shard, as of any record: the state that moves with a
-shard's lease (the core's `ShardState`).
+shard's lease (the core's `ShardState`, consumer/state.py).
 
 Kinesis routes a unicorn's records by its name, so each unicorn lives on one shard and its
-state travels with that shard's lease: saved with each checkpoint, restored by the next tenure
-(this worker after a restart, or another one after a hand-off), so an episode that is already
-alerted is not alerted again. Only the unicorns below the threshold are kept: everything else
-is "not low", the state of a unicorn never seen.
+state travels with that shard's lease: stored with each checkpoint, restored by the next tenure
+(this worker after a restart, another after a hand-off, the children after a reshard: each
+takes the unicorns its hash range holds), so an episode already alerted is not alerted again.
 
-The snapshot for checkpoint C must be the state as of the records up to C, not as of the last
-record read (records after C are read again after a restart, and must find the state they
-found the first time). So besides the current state each shard keeps the transitions since its
-last snapshot, with their sequence numbers, until a checkpoint passes them.
+Per unicorn: whether it is low, and the newest window (StatusTime) evaluated. Alerts follow
+event time, not stream order: a window older than the newest one evaluated (a late reading's
+re-put, a throttled put landing after the next minute's) changes nothing, so one dip gives
+exactly one `firing` and one `resolved` however its windows arrive.
+
+The state stored with checkpoint C must be the state as of the records up to C, not as of the
+last record read (records after C are read again after a restart, and must find the state they
+found the first time). So besides the current state each shard keeps the changes since its last
+checkpoint, with their sequence numbers, until a checkpoint passes them.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Final, Literal
+
+from wildrydes_stream.consumer.state import Changes, Entries, StateKey
 
 AlertState = Literal["firing", "resolved"]
 
-# Bumped if the stored layout changes; restore ignores states it does not know.
-_VERSION = 1
+PART: Final = "alert"
+"""The part of a unicorn's state entry key (its partition key is its name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unicorn:
+    low: bool
+    newest_ms: int
+    """StatusTime of the newest window evaluated."""
+
+    def encode(self) -> dict[str, Any]:
+        return {"low": self.low, "t": self.newest_ms}
+
+    @classmethod
+    def decode(cls, value: Any) -> Unicorn | None:
+        if not isinstance(value, dict):
+            return None
+        low, newest = value.get("low"), value.get("t")
+        if not isinstance(low, bool) or not isinstance(newest, int):
+            return None
+        return cls(low, newest)
 
 
 @dataclass(slots=True)
 class _Shard:
-    base: set[str] = field(default_factory=set)
-    """Low unicorns as of the last snapshot (or the restored state)."""
-    low: set[str] = field(default_factory=set)
-    """Low unicorns as of the last record evaluated."""
-    transitions: deque[tuple[int, str, bool]] = field(default_factory=deque)
-    """(sequence, unicorn, low after it) since `base`, in shard order."""
+    base: dict[str, Unicorn] = field(default_factory=dict)
+    """As of the last checkpoint's records (or the restored state)."""
+    current: dict[str, Unicorn] = field(default_factory=dict)
+    """As of the last record evaluated."""
+    changes: deque[tuple[int, str, Unicorn]] = field(default_factory=deque)
+    """(sequence, unicorn, its state after it) since `base`, in shard order."""
+    dirty: set[str] = field(default_factory=set)
+    """Unicorns whose `base` changed since the last `changes` call."""
+
+    def fold(self, upto: int | None) -> None:
+        changes = self.changes
+        while changes and (upto is None or changes[0][0] <= upto):
+            _, name, unicorn = changes.popleft()
+            self.base[name] = unicorn
+            self.dirty.add(name)
 
 
 class UnicornStates:
-    """Per shard: which unicorns are below the threshold. Implements `ShardState`."""
+    """Per shard: each unicorn's alert state. Implements `ShardState`."""
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
@@ -48,70 +81,70 @@ class UnicornStates:
         """Called with the shard id when a shard is forgotten (its gauges go with it)."""
 
     def evaluate(
-        self, shard_id: str, sequence: int, name: str, magic: int | Decimal | float
+        self, shard_id: str, sequence: int, name: str, magic: int | Decimal | float, time_ms: int
     ) -> AlertState | None:
-        """One record's `MinMagicPoints`: `firing` when the unicorn falls below the threshold,
-        `resolved` when it is back at or above it, None when nothing changed."""
+        """One window's `MinMagicPoints` at StatusTime `time_ms`: `firing` when the unicorn
+        falls below the threshold, `resolved` when it is back at or above it, None when
+        nothing changed or the window is older than the newest one evaluated."""
         shard = self._shards.get(shard_id)
         if shard is None:
             shard = self._shards[shard_id] = _Shard()
-        low = magic < self.threshold
-        if low == (name in shard.low):
+        known = shard.current.get(name)
+        if known is not None and time_ms < known.newest_ms:
             return None
-        if low:
-            shard.low.add(name)
-        else:
-            shard.low.discard(name)
-        shard.transitions.append((sequence, name, low))
+        low = magic < self.threshold
+        if known is not None and known.low == low and known.newest_ms == time_ms:
+            return None
+        unicorn = Unicorn(low, time_ms)
+        shard.current[name] = unicorn
+        shard.changes.append((sequence, name, unicorn))
+        if (known is None and not low) or (known is not None and known.low == low):
+            return None
         return "firing" if low else "resolved"
 
     def low(self, shard_id: str) -> set[str]:
         """The unicorns of a shard below the threshold now (for tests and diagnostics)."""
         shard = self._shards.get(shard_id)
-        return set(shard.low) if shard is not None else set()
+        if shard is None:
+            return set()
+        return {name for name, unicorn in shard.current.items() if unicorn.low}
 
     # --- ShardState ---------------------------------------------------------------------
 
-    def snapshot(self, shard_id: str, upto: int | None) -> bytes | None:
+    def changes(self, shard_id: str, upto: int | None) -> Changes:
         shard = self._shards.get(shard_id)
         if shard is None:
-            return _dump(set())
-        if upto is None:
-            return _dump(shard.low)
-        # Checkpoints only move forward: the transitions up to this one are folded into the
-        # base for good, so the history stays as short as the records in flight.
-        transitions = shard.transitions
-        while transitions and transitions[0][0] <= upto:
-            _, name, low = transitions.popleft()
-            if low:
-                shard.base.add(name)
-            else:
-                shard.base.discard(name)
-        return _dump(shard.base)
+            return {}
+        # Checkpoints only move forward: what they pass is folded into the base for good,
+        # so the history stays as short as the records in flight.
+        shard.fold(upto)
+        changed = {(name, PART): shard.base[name].encode() for name in shard.dirty}
+        shard.dirty.clear()
+        return changed
 
-    def restore(self, shard_id: str, states: list[bytes]) -> None:
-        # A child after a merge inherits both parents' low unicorns; after a split, each child
-        # inherits all of them (one of the children will see each unicorn again).
-        low: set[str] = set()
-        for state in states:
-            low |= _load(state)
-        self._shards[shard_id] = _Shard(base=set(low), low=set(low))
+    def entries(self, shard_id: str, upto: int | None) -> Entries:
+        shard = self._shards.get(shard_id)
+        if shard is None:
+            return {}
+        shard.fold(upto)
+        shard.dirty.clear()
+        return {(name, PART): unicorn.encode() for name, unicorn in shard.base.items()}
+
+    def restore(self, shard_id: str, parts: Sequence[Mapping[StateKey, Any]]) -> None:
+        # After a merge both parents' unicorns (disjoint when every record was routed by its
+        # name; a unicorn in both takes the newer state).
+        base: dict[str, Unicorn] = {}
+        for entries in parts:
+            for (name, part), value in entries.items():
+                unicorn = Unicorn.decode(value) if part == PART else None
+                if unicorn is None:
+                    continue  # not ours (another application's state): ignored
+                known = base.get(name)
+                if known is None or unicorn.newest_ms > known.newest_ms:
+                    base[name] = unicorn
+        self._shards[shard_id] = _Shard(base=base, current=dict(base))
 
     def forget(self, shard_id: str) -> None:
         self._shards.pop(shard_id, None)
         if self.on_forget is not None:
             self.on_forget(shard_id)
-
-
-def _dump(low: set[str]) -> bytes:
-    return json.dumps({"v": _VERSION, "low": sorted(low)}, separators=(",", ":")).encode()
-
-
-def _load(state: bytes) -> set[str]:
-    try:
-        value = json.loads(state)
-    except ValueError:
-        return set()  # not ours (another application's state): start from nothing
-    if not isinstance(value, dict) or value.get("v") != _VERSION:
-        return set()
-    return {name for name in value.get("low", []) if isinstance(name, str)}

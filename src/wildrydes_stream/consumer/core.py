@@ -29,6 +29,8 @@ from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.aws.lean import DynamoDBData
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
+from wildrydes_stream.consumer.state import ShardState
+from wildrydes_stream.consumer.statestore import StateStore
 from wildrydes_stream.consumer.supervisor import ShardSupervisor
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
@@ -41,7 +43,6 @@ from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
 from wildrydes_stream.sink.deadletter_s3 import S3Destination
 from wildrydes_stream.sink.deadletter_sqs import SqsDestination
-from wildrydes_stream.source.poller import ShardState
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Consumer:
         self.blocked = BlockedCalls(self.metrics, settings.blocked_log_interval_seconds)
         """APIs failing for a reason an operator must fix: not ready while any is."""
         self.budget = ByteBudget(settings.max_buffered_bytes)
+        self.state_store: StateStore | None = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -172,6 +174,11 @@ class Consumer:
                 fast=lean if isinstance(lean, DynamoDBData) else None,
             )
             await leases.ensure_table()
+            store = None
+            if self.application.state is not None:
+                store = StateStore(clients.dynamodb_control, s.state_table_name)
+                await store.ensure_table()
+            self.state_store = store
             self.sink = self.application.sink(
                 Wiring(clients, s, deadletters, self.metrics, self._fail, self.blocked, self.budget)
             )
@@ -188,6 +195,8 @@ class Consumer:
                 self.budget,
                 self.blocked,
                 self.application.state,
+                store,
+                self.sink.drain,
             )
             self.sink.start()
             await self.supervisor.sync()
@@ -347,14 +356,20 @@ class Consumer:
             # in flight loses nothing: the final one queues behind it.
             self._drained.set()
             await _cancel(self._checkpointer)
+            # Each bounded on its own: a final checkpoint that cannot be written must not keep
+            # the leases from being released (another replica would wait for them to expire).
             try:
                 async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT):
                     await supervisor.checkpoint_all()
-                    await supervisor.release_all()
             except Exception:
                 log.exception(
                     "final checkpoint failed; records since the last one will be read again"
                 )
+            try:
+                async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT):
+                    await supervisor.release_all()
+            except Exception:
+                log.exception("releasing the leases failed; they expire instead")
         self._released.set()
         await _cancel(self._renewer)
         await self._close()

@@ -14,7 +14,6 @@ new LATEST, which would skip whatever arrived while the lease moved.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,9 +56,10 @@ class Lease:
     subsequence: int = 0
     """`checkpointSubSequenceNumber`: KCL's position inside a KPL-aggregated record; above 0
     the record at `checkpoint` was only partly processed."""
-    state: bytes | None = None
-    """`wildrydesState`: the application's state of the shard as of `checkpoint` (windows
-    still open, alert states), written with it in one conditional update."""
+    state_ref: str | None = None
+    """`wildrydesStateRef`: where the application's state of the shard as of `checkpoint`
+    is in the state table (consumer/statestore.py), written with it in one conditional
+    update."""
     confirmed_at: float = field(default=0.0, compare=False)
     """Monotonic time at which the last write that proved we hold the lease was sent."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
@@ -131,7 +131,10 @@ class LeaseTable:
 
     async def get(self, shard_id: str) -> Lease | None:
         response = await self._client.get_item(
-            TableName=self.table_name, Key={"leaseKey": {"S": shard_id}}, ConsistentRead=True
+            TableName=self.table_name,
+            Key={"leaseKey": {"S": shard_id}},
+            ConsistentRead=True,
+            **LEASE_PROJECTION,
         )
         item = response.get("Item")
         return _from_item(item) if item else None
@@ -150,7 +153,11 @@ class LeaseTable:
         return leases
 
     async def _scan(self) -> AsyncIterator[list[dict[str, Any]]]:
-        params: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True}
+        params: dict[str, Any] = {
+            "TableName": self.table_name,
+            "ConsistentRead": True,
+            **LEASE_PROJECTION,
+        }
         fast = self._fast
         if fast is None:
             paginator = self._client.get_paginator("scan")
@@ -310,7 +317,7 @@ class LeaseTable:
             raise
         return True
 
-    async def checkpoint_handed(self, lease: Lease, checkpoint: str, state: bytes | None) -> None:
+    async def checkpoint_handed(self, lease: Lease, checkpoint: str, state_ref: str | None) -> None:
         """The old owner's last word in a hand-off: its checkpoint (and state), and
         `checkpointOwner` cleared, conditional on still being the checkpoint owner (the new
         owner may have moved the counter meanwhile, so the counter is added to, not compared).
@@ -325,15 +332,16 @@ class LeaseTable:
             ":one": {"N": "1"},
             ":me": {"S": self.owner},
         }
-        if state is not None:
-            expression += ", wildrydesState = :state"
-            values[":state"] = {"B": state}
+        if state_ref is not None:
+            expression += ", wildrydesStateRef = :state"
+            values[":state"] = {"S": state_ref}
         try:
             await self._client.update_item(
                 TableName=self.table_name,
                 Key={"leaseKey": {"S": lease.shard_id}},
                 UpdateExpression=expression + " ADD leaseCounter :one REMOVE checkpointOwner, "
-                "pendingCheckpoint, pendingCheckpointSubSequenceNumber, pendingCheckpointState",
+                "pendingCheckpoint, pendingCheckpointSubSequenceNumber, pendingCheckpointState, "
+                "wildrydesState",
                 ConditionExpression="checkpointOwner = :me",
                 ExpressionAttributeNames={"#cp": "checkpoint"},
                 ExpressionAttributeValues=values,
@@ -359,9 +367,9 @@ class LeaseTable:
 
         await self._serialized(lease, write)
 
-    async def checkpoint(self, lease: Lease, checkpoint: str, state: bytes | None = None) -> None:
-        """Store progress, and with it the application's `state` as of that checkpoint (the
-        same conditional write, so a new owner never sees one without the other);
+    async def checkpoint(self, lease: Lease, checkpoint: str, state_ref: str | None = None) -> None:
+        """Store progress, and with it where the application's state as of that checkpoint is
+        (the same conditional write, so a new owner never sees one without the other);
         LeaseLostError when this worker no longer holds the lease."""
 
         async def write() -> None:
@@ -375,19 +383,19 @@ class LeaseTable:
             # pendingCheckpoint would make a KCL worker taking over resume from it.
             removed = (
                 " REMOVE pendingCheckpoint, pendingCheckpointSubSequenceNumber, "
-                "pendingCheckpointState"
+                "pendingCheckpointState, wildrydesState"
             )
             values: dict[str, Any] = {":cp": {"S": checkpoint}, ":zero": {"N": "0"}}
-            if state is not None:
-                expression += ", wildrydesState = :state"
-                values[":state"] = {"B": state}
+            if state_ref is not None:
+                expression += ", wildrydesStateRef = :state"
+                values[":state"] = {"S": state_ref}
             await self._owned_update(
                 lease, expression + removed, values, names={"#cp": "checkpoint"}
             )
             lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
             lease.subsequence = 0
-            if state is not None:
-                lease.state = state
+            if state_ref is not None:
+                lease.state_ref = state_ref
 
         await self._serialized(lease, write)
 
@@ -493,6 +501,28 @@ async def _retried(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, A
             attempt += 1
 
 
+# What the scan and reads ask for: the lease's own attributes (KCL's and this service's), never
+# whatever else an item of the table may carry (the state lives in the state table).
+_LEASE_ATTRIBUTES: Final = (
+    "leaseKey",
+    "leaseOwner",
+    "leaseCounter",
+    "checkpoint",
+    "checkpointSubSequenceNumber",
+    "ownerSwitchesSinceCheckpoint",
+    "parentShardId",
+    "startingTimestamp",
+    "childShardIds",
+    "checkpointOwner",
+    "wildrydesStateRef",
+    "entityType",
+)
+LEASE_PROJECTION: Final[dict[str, Any]] = {
+    "ProjectionExpression": ", ".join(f"#a{i}" for i in range(len(_LEASE_ATTRIBUTES))),
+    "ExpressionAttributeNames": {f"#a{i}": name for i, name in enumerate(_LEASE_ATTRIBUTES)},
+}
+
+
 def is_shard_lease(item: dict[str, Any]) -> bool:
     """A single-stream lease (its key a shard id), not another item a KCL application keeps."""
     key = item.get("leaseKey", {}).get("S", "")
@@ -512,12 +542,5 @@ def _from_item(item: dict[str, Any]) -> Lease:
         subsequence=int(item.get("checkpointSubSequenceNumber", {}).get("N", "0")),
         children=tuple(sorted(item.get("childShardIds", {}).get("SS", []))),
         checkpoint_owner=item.get("checkpointOwner", {}).get("S"),
-        state=_binary(item.get("wildrydesState", {}).get("B")),
+        state_ref=item.get("wildrydesStateRef", {}).get("S"),
     )
-
-
-def _binary(value: bytes | str | None) -> bytes | None:
-    """A binary attribute as botocore gives it (bytes) or as the wire has it (base64)."""
-    if isinstance(value, str):
-        return base64.b64decode(value)
-    return value

@@ -15,7 +15,7 @@ a restart, another after a hand-off, the children after a reshard.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 StateKey = tuple[str, str]
@@ -29,7 +29,7 @@ Changes = dict[StateKey, Any]
 class ShardState(Protocol):
     """State an application keeps per shard, moving with the shard's lease."""
 
-    def restore(self, shard_id: str, parts: list[Mapping[StateKey, Any]]) -> None:
+    def restore(self, shard_id: str, parts: Sequence[Mapping[StateKey, Any]]) -> None:
         """A tenure starts from these entries: its own checkpoint's (one map), or for a child
         shard not yet checkpointed, each parent's entries that its hash range holds (one map a
         parent; disjoint when every record was routed by its partition key). Empty for a

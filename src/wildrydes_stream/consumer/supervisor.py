@@ -18,15 +18,18 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from wildrydes_stream.aws.retry import backoff_delay, describe_error, error_code
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.balancing import lease_to_steal
 from wildrydes_stream.consumer.leases import AT_TIMESTAMP, LATEST, SHARD_END, Lease, LeaseTable
 from wildrydes_stream.consumer.progress import ShardProgress
+from wildrydes_stream.consumer.state import ShardState
+from wildrydes_stream.consumer.statestore import StateRef, StateStore
+from wildrydes_stream.consumer.tenure import Inheritance, OwnedShard, TenureState
 from wildrydes_stream.errors import LeaseLostError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.logs import RetryLog
@@ -34,7 +37,7 @@ from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters
-from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller, ShardState
+from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller
 from wildrydes_stream.source.shards import (
     Shard,
     list_shards,
@@ -45,25 +48,9 @@ from wildrydes_stream.source.shards import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class OwnedShard:
-    lease: Lease
-    progress: ShardProgress
-    poller: ShardPoller
-    task: asyncio.Task[None] | None = None
-    checkpointed_at: float = field(default_factory=time.monotonic)
-    watchdog: asyncio.TimerHandle | None = None
-    """Fires when the lease has gone lease_duration_seconds without a confirmed write."""
-    handing_off: bool = False
-    """Handing the lease to another worker (KCL 3's checkpointOwner protocol)."""
-    hand_off: asyncio.Task[None] | None = None
-
-    @property
-    def shard_id(self) -> str:
-        return self.lease.shard_id
-
-
 TAKEN = "lease taken by another worker"
+CHECKPOINT_API = "Checkpoint"
+"""The name checkpoint failures are reported under (wildrydes_blocked{api})."""
 AT_SEQUENCE = "AT_SEQUENCE_NUMBER:"
 """Prefix of a position read from (not after) a sequence number."""
 
@@ -93,10 +80,20 @@ class ShardSupervisor:
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
         state: ShardState | None = None,
+        store: StateStore | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._kinesis = kinesis
         self._decode = decode
         self._state = state
+        self._store = store
+        self._settle = settle
+        """Waits until what the sink holds is out (a hand-off's last checkpoint follows)."""
+        self._checkpoint_log = RetryLog(log)
+        self._blocked_checkpoints: set[str] = set()
+        """Shards whose last checkpoint failed (not for a lost lease)."""
+        self._background: set[asyncio.Task[Any]] = set()
+        """Pruning of the state table: best effort, never awaited by a shard."""
         self._blocked = blocked
         self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._on_failure = on_failure
@@ -201,8 +198,8 @@ class ShardSupervisor:
             )
             if lease is None or lease.at_shard_end:
                 continue
-            parents = [leases[p] for p in shard.parents if p in leases]
-            self._start(lease, [p.state for p in parents if p.state is not None])
+            parents = tuple((p, leases[p].state_ref) for p in shard.parents if p in leases)
+            self._start(lease, parents, shard.hash_range)
             started.append(shard.shard_id)
             taken += not ours
         # Balancing only once every readable shard has a live owner: while some are free,
@@ -249,6 +246,8 @@ class ShardSupervisor:
         for shard_id in sorted(shard_ids):
             if await self._leases.delete_finished(shard_id):
                 self._seen.pop(shard_id, None)
+                if self._store is not None:
+                    await self._store.prune(shard_id, None)
                 log.info("deleted the lease of a trimmed shard", extra={"shard": shard_id})
 
     async def _ask_for_one(self, candidates: list[Lease]) -> None:
@@ -382,10 +381,17 @@ class ShardSupervisor:
                 if owned.task is not None:
                     await asyncio.shield(owned.task)
                 await owned.progress.drained.wait()
+                if self._settle is not None:
+                    await self._settle()  # what the sink holds of it is out first
+                await owned.restored.wait()
                 done = owned.progress.checkpoint
                 value = str(done) if done is not None else owned.lease.checkpoint
-                state = self._snapshot(owned, done) if done is not None else owned.lease.state
-                await self._leases.checkpoint_handed(owned.lease, value, state)
+                async with owned.checkpointing:
+                    ref = owned.lease.state_ref
+                    if owned.state is not None:
+                        ref = await owned.state.prepare(done)
+                    await self._leases.checkpoint_handed(owned.lease, value, ref)
+                    self._committed(owned)
         except (TimeoutError, LeaseLostError, asyncio.CancelledError) as exc:
             self._drop(owned, f"hand-off not finished ({type(exc).__name__})")
             if isinstance(exc, asyncio.CancelledError):
@@ -457,12 +463,15 @@ class ShardSupervisor:
             return LATEST, since
         return AT_TIMESTAMP, since
 
-    def _start(self, lease: Lease, inherited: list[bytes] | None = None) -> None:
+    def _start(
+        self,
+        lease: Lease,
+        parents: tuple[tuple[str, str | None], ...] = (),
+        hash_range: tuple[str, str] = ("", ""),
+    ) -> None:
         """Read the shard from its lease's checkpoint, with the application's state as of that
-        checkpoint (or, for a child not yet checkpointed, its parents' final states)."""
-        if self._state is not None:
-            own = [lease.state] if lease.state is not None else None
-            self._state.restore(lease.shard_id, own or inherited or [])
+        checkpoint (or, for a child not yet checkpointed, its parents' last states, only the
+        entries its hash range holds)."""
         progress = ShardProgress(lease.shard_id)
         poller = ShardPoller(
             lease.shard_id,
@@ -478,6 +487,15 @@ class ShardSupervisor:
             self._blocked,
         )
         owned = OwnedShard(lease, progress, poller)
+        if self._state is not None and self._store is not None:
+            owned.state = TenureState(lease.shard_id, self._state, self._store)
+            own = StateRef.decode(lease.state_ref)
+            inherit = own is None and not lease.checkpoint.isdigit()
+            owned.inheritance = Inheritance(
+                own,
+                tuple((p, StateRef.decode(ref)) for p, ref in parents) if inherit else (),
+                hash_range,
+            )
         position, since = self._position(lease)
         owned.task = asyncio.create_task(
             self._process(owned, position, since), name=f"shard-{lease.shard_id}"
@@ -487,13 +505,30 @@ class ShardSupervisor:
         self.history.append(("start", lease.shard_id))
         log.info("reading shard", extra={"shard": lease.shard_id, "from": position})
 
+    async def _restore(self, owned: OwnedShard) -> None:
+        """Load the tenure's state, retrying (with backoff) whatever fails for as long as the
+        lease is held: a shard is never read without the state its records build on."""
+        state = owned.state
+        attempt = 0
+        while state is not None:
+            try:
+                await state.restore(owned.inheritance)
+                break
+            except Exception as exc:
+                attempt += 1
+                self._retry_log.failed("state restore", exc, shard=owned.shard_id)
+                s = self._settings
+                await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, 5.0))
+        owned.restored.set()
+
     async def _process(self, owned: OwnedShard, position: str, since: datetime | None) -> None:
         try:
+            await self._restore(owned)
             await owned.poller.run(position, since)
             if not owned.progress.ended:
                 return  # stopping or fenced: the final checkpoint happens in checkpoint_all
             await owned.progress.drained.wait()
-            await self._checkpoint(owned, SHARD_END, self._snapshot(owned, None))
+            await self._checkpoint_until_done(owned, SHARD_END, None)
             self._forget(owned)
             self.history.append(("end", owned.shard_id))
             self._let_go(owned)
@@ -505,6 +540,22 @@ class ShardSupervisor:
         except Exception as exc:
             log.exception("shard task failed", extra={"shard": owned.shard_id})
             self._on_failure(exc)
+
+    async def _checkpoint_until_done(self, owned: OwnedShard, value: str, upto: int | None) -> None:
+        """A checkpoint that must be written (SHARD_END: the children wait for it): retried
+        with backoff through any fault but a lost lease, for as long as it lasts."""
+        attempt = 0
+        while True:
+            try:
+                await self._checkpoint(owned, value, upto)
+                return
+            except LeaseLostError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                self._checkpoint_failed(owned, exc)
+                s = self._settings
+                await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, 5.0))
 
     def _drop(self, owned: OwnedShard, reason: str) -> None:
         """End a tenure whose lease is lost: fence its progress so its queued records are
@@ -521,36 +572,74 @@ class ShardSupervisor:
         if owned.task is not None and owned.task is not asyncio.current_task():
             owned.task.cancel()
 
-    def _snapshot(self, owned: OwnedShard, upto: int | None) -> bytes | None:
-        if self._state is None:
-            return None
-        return self._state.snapshot(owned.shard_id, upto)
-
     def _forget(self, owned: OwnedShard) -> None:
-        if self._state is not None:
-            self._state.forget(owned.shard_id)
+        if owned.state is not None:
+            owned.state.forget()
 
-    async def _checkpoint(self, owned: OwnedShard, value: str, state: bytes | None = None) -> None:
-        if owned.progress.fenced:
-            raise LeaseLostError(owned.shard_id)  # whatever it finished is not ours to store
-        await self._leases.checkpoint(owned.lease, value, state)
+    async def _checkpoint(self, owned: OwnedShard, value: str, upto: int | None) -> None:
+        """Write the state as of `upto` to the state table, then the checkpoint naming it."""
+        async with owned.checkpointing:
+            if owned.progress.fenced:
+                raise LeaseLostError(owned.shard_id)  # what it finished is not ours to store
+            ref = await owned.state.prepare(upto) if owned.state is not None else None
+            await self._leases.checkpoint(owned.lease, value, ref)
+            self._committed(owned)
         owned.checkpointed_at = time.monotonic()
         self._metrics.checkpoints.labels(owned.shard_id).inc()
+        self._blocked_checkpoints.discard(owned.shard_id)
+        if not self._blocked_checkpoints and self._blocked is not None:
+            self._blocked.succeeded(CHECKPOINT_API)
+
+    def _committed(self, owned: OwnedShard) -> None:
+        if owned.state is None or self._store is None:
+            return
+        replaced = owned.state.committed()
+        if replaced is not None:  # a full copy: nothing older is needed any more
+            task = asyncio.create_task(self._prune(owned.shard_id, replaced), name="state-prune")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _prune(self, shard_id: str, ref: StateRef) -> None:
+        """Delete the state items a full copy replaced; what fails stays until the next one."""
+        assert self._store is not None
+        try:
+            await self._store.prune(shard_id, ref)
+        except Exception as exc:
+            self._retry_log.failed("state table pruning", exc, shard=shard_id)
+
+    def _checkpoint_failed(self, owned: OwnedShard, exc: BaseException) -> None:
+        """A checkpoint failed for a reason that is not a lost lease: it is retried at the next
+        round; reported as blocked (metric, readiness, a rate-limited line) while it lasts."""
+        self._blocked_checkpoints.add(owned.shard_id)
+        self._metrics.checkpoint_failures.labels(owned.shard_id).inc()
+        if self._blocked is not None:
+            self._blocked.failed(
+                CHECKPOINT_API,
+                error_code(exc) or type(exc).__name__,
+                f"checkpoints of {len(self._blocked_checkpoints)} shard(s) failing "
+                f"({describe_error(exc)}); records are processed and checkpointed once the "
+                f"lease table {self._leases.table_name} takes writes again",
+            )
+        else:
+            self._checkpoint_log.failed("checkpoint", exc, shard=owned.shard_id)
 
     async def checkpoint_all(self) -> None:
-        """Store each owned shard's finished prefix where it moved since the last checkpoint."""
+        """Store each owned shard's finished prefix where it moved since the last checkpoint.
+        A shard whose checkpoint fails is retried at the next round; the others go on."""
         for owned in list(self.owned.values()):
-            if owned.handing_off:
-                continue  # its last checkpoint is the hand-off's
+            if owned.handing_off or not owned.restored.is_set():
+                continue  # a hand-off's last checkpoint is its own
             done = owned.progress.checkpoint
             if done is None or owned.lease.checkpoint == str(done):
                 continue
             if owned.lease.at_shard_end:
                 continue
             try:
-                await self._checkpoint(owned, str(done), self._snapshot(owned, done))
+                await self._checkpoint(owned, str(done), done)
             except LeaseLostError:
                 await self._lost(owned)
+            except Exception as exc:
+                self._checkpoint_failed(owned, exc)
 
     def halt_all(self) -> None:
         """The service stops: every poller ends its loop now, even mid-pause."""
@@ -594,8 +683,17 @@ class ShardSupervisor:
             return
         del self.owned[owned.shard_id]
         self._metrics.shards_owned.set(len(self.owned))
-        with contextlib.suppress(KeyError):
-            self._metrics.behind_latest.remove(owned.shard_id)
+        for series in (
+            self._metrics.behind_latest,
+            self._metrics.checkpoints,
+            self._metrics.checkpoint_failures,
+        ):
+            with contextlib.suppress(KeyError):
+                series.remove(owned.shard_id)
+        if self._blocked_checkpoints and owned.shard_id in self._blocked_checkpoints:
+            self._blocked_checkpoints.discard(owned.shard_id)
+            if not self._blocked_checkpoints and self._blocked is not None:
+                self._blocked.succeeded(CHECKPOINT_API)
 
     def all_caught_up(self) -> bool:
         return all(o.poller.caught_up.is_set() for o in list(self.owned.values()))

@@ -20,12 +20,12 @@ from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import FINAL_CHECKPOINT_TIMEOUT, Consumer, Wiring
+from wildrydes_stream.consumer.state import ShardState
 from wildrydes_stream.copy.item import decode_item
 from wildrydes_stream.copy.schema import table_problems
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.records.envelope import Item, ItemKey
 from wildrydes_stream.sink.dynamodb import WriterPool
-from wildrydes_stream.source.poller import ShardState
 
 __all__ = ["FINAL_CHECKPOINT_TIMEOUT", "Service", "TableCopy"]
 

@@ -169,6 +169,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.checkpoint_failures = Counter(
+            "checkpoint_failures_total",
+            "Checkpoints that failed for a reason other than a lost lease (each is tried again "
+            "at the next round; SHARD_END until it succeeds).",
+            ["shard"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         # Dead-letter destinations
         self.deadletter_failures = Counter(
             "deadletter_failures_total",

@@ -51,25 +51,6 @@ Dispatch = Callable[[list[Envelope]], Awaitable[None]]
 in the byte bound from the call on; waits while the sink is full."""
 
 
-class ShardState(Protocol):
-    """State an application keeps per shard (open windows, alert states) that must move with
-    the shard's lease: saved with each checkpoint, restored when a tenure starts."""
-
-    def snapshot(self, shard_id: str, upto: int | None) -> bytes | None:
-        """The state as of the records up to sequence `upto` (all of them when None), to be
-        stored with that checkpoint; None stores nothing."""
-        ...
-
-    def restore(self, shard_id: str, states: list[bytes]) -> None:
-        """A tenure starts: its state as of the checkpoint it reads from (or its parents'
-        final states for a child shard; empty for a fresh one)."""
-        ...
-
-    def forget(self, shard_id: str) -> None:
-        """The tenure ended (lease lost, shard finished): drop what is kept for it."""
-        ...
-
-
 SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
 """Returns once the dead-letter destinations hold the entries."""
 
