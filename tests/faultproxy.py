@@ -272,10 +272,13 @@ class FaultProxy:
             json.dumps(w["PutRequest"]["Item"], sort_keys=True)
             for writes in unprocessed.values()
             for w in writes
+            if "PutRequest" in w
         }
         for writes in json.loads(body)["RequestItems"].values():
             for write in writes:
-                item = write["PutRequest"]["Item"]
+                item = write.get("PutRequest", {}).get("Item", {})
+                if "StatusTime" not in item:
+                    continue  # not a table item (the state table's, a delete)
                 if json.dumps(item, sort_keys=True) not in left:
                     status_time = item["StatusTime"]
                     key = (item["Name"]["S"], status_time.get("N") or status_time.get("S"))
