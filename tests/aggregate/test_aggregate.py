@@ -148,15 +148,6 @@ def aggregate_settings(settings: Settings, **changes: Any) -> Settings:
     return settings.replace(**(defaults | changes))
 
 
-@pytest.fixture
-async def streams(settings: Settings, kinesis: Any) -> Settings:
-    """A 2-shard raw stream and a 1-shard output stream (one shard: one order to read)."""
-    s = aggregate_settings(settings)
-    await ensure_stream(kinesis, s.raw_stream_name, 2)
-    await ensure_stream(kinesis, s.stream_name, 1)
-    return s
-
-
 @contextlib.asynccontextmanager
 async def aggregating(settings: Settings) -> AsyncIterator[Aggregator]:
     aggregator = Aggregator(settings)

@@ -360,7 +360,7 @@ class Consumer:
             # the leases from being released (another replica would wait for them to expire).
             try:
                 async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT):
-                    await supervisor.checkpoint_all()
+                    await supervisor.checkpoint_all(final=True)
             except Exception:
                 log.exception(
                     "final checkpoint failed; records since the last one will be read again"

@@ -623,14 +623,18 @@ class ShardSupervisor:
         else:
             self._checkpoint_log.failed("checkpoint", exc, shard=owned.shard_id)
 
-    async def checkpoint_all(self) -> None:
-        """Store each owned shard's finished prefix where it moved since the last checkpoint.
-        A shard whose checkpoint fails is retried at the next round; the others go on."""
+    async def checkpoint_all(self, final: bool = False) -> None:
+        """Store each owned shard's finished prefix where it moved since the last checkpoint
+        (`final`: also where only the state moved, puts acknowledged since, so the next owner
+        does not repeat them). A shard whose checkpoint fails is retried at the next round;
+        the others go on."""
         for owned in list(self.owned.values()):
             if owned.handing_off or not owned.restored.is_set():
                 continue  # a hand-off's last checkpoint is its own
             done = owned.progress.checkpoint
-            if done is None or owned.lease.checkpoint == str(done):
+            if done is None and final and owned.lease.checkpoint.isdigit():
+                done = int(owned.lease.checkpoint)
+            if done is None or (owned.lease.checkpoint == str(done) and not final):
                 continue
             if owned.lease.at_shard_end:
                 continue
