@@ -31,6 +31,10 @@ it), 4 shards, 200 records a second for 30 s, with default polling and again wit
 
 `--set` overrides apply to the throughput runs only; scale and latency use the defaults.
 
+State cost (bench/statecost.py, `--skip-state-cost` to leave out): what one aggregator
+checkpoint writes to the state table a shard (KB, items, write units) with 100, 1,000 and
+5,000 unicorns on it and the one-hour horizon, and what a full copy weighs.
+
 Ends with one JSON line holding every figure (`scale_256_peak_rss_mb`,
 `scale_256_idle_core_percent`, `latency_default_p99_s`, ...). The defaults take three to four
 minutes on 2 cores: about two for throughput (50,000 records on each target, as the figures
@@ -55,7 +59,7 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
-from bench import latency, scale
+from bench import latency, scale, statecost
 from bench.canned import canned_server, canned_stats
 from bench.data import SHARDS, aggregates, encode
 from wildrydes_stream.admin.provision import ensure_stream, ensure_table
@@ -167,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-latency", action="store_true", help="leave out the latency runs")
     parser.add_argument(
+        "--skip-state-cost",
+        action="store_true",
+        help="leave out what an aggregator checkpoint writes at 100, 1,000, 5,000 unicorns",
+    )
+    parser.add_argument(
         "--latency-seconds", type=float, default=30.0, help="measured seconds a latency run"
     )
     parser.add_argument(
@@ -228,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print_latency(latencies)
     out = summary(results)
+    if not args.skip_state_cost:
+        print()
+        print("What an aggregator checkpoint writes to the state table, per shard:")
+        for row in statecost.main([]):
+            out[f"state_checkpoint_wcu_{row['unicorns']}_unicorns"] = row["checkpoint_write_units"]
+            out[f"state_full_copy_wcu_{row['unicorns']}_unicorns"] = row["full_copy_write_units"]
     if scaled is not None:
         out.update(scale_summary(scaled))
     for run in latencies:
