@@ -48,7 +48,39 @@ def record(name: str, minute: int, **extra: Any) -> bytes:
     return json.dumps({**value, **extra}, separators=(",", ":")).encode()
 
 
-def letter(data: bytes, sequence: int, kind: str = "retries") -> DeadLetter:
-    return DeadLetter(
-        data, "write retries exhausted", kind, "wildrydes-aggregated", "shardId-000", sequence, 0.0
-    )
+def reading(name: str, second: int) -> bytes:
+    """A valid raw reading, as the producer puts it on the raw stream (a newline after it)."""
+    value = {
+        "Distance": 1.5,
+        "HealthPoints": 150,
+        "Latitude": 40.749,
+        "Longitude": -73.985,
+        "MagicPoints": 110,
+        "Name": name,
+        "StatusTime": f"2017-06-05 09:{second // 60:02d}:{second % 60:02d}.000",
+    }
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+def letter(
+    data: bytes, sequence: int, kind: str = "retries", stream: str = "wildrydes-aggregated"
+) -> DeadLetter:
+    return DeadLetter(data, "write retries exhausted", kind, stream, "shardId-000", sequence, 0.0)
+
+
+async def stream_records(kinesis: Any, stream: str) -> list[tuple[bytes, str]]:
+    """(data, partition key) of every record on the stream, shard by shard in order."""
+    records: list[tuple[bytes, str]] = []
+    for shard in (await kinesis.list_shards(StreamName=stream))["Shards"]:
+        iterator = (
+            await kinesis.get_shard_iterator(
+                StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+            )
+        )["ShardIterator"]
+        while iterator:
+            page = await kinesis.get_records(ShardIterator=iterator, Limit=10000)
+            records += [(r["Data"], r["PartitionKey"]) for r in page["Records"]]
+            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
+                break
+            iterator = page.get("NextShardIterator")
+    return records

@@ -1,5 +1,5 @@
 """Command line: `run` (the service), `aggregate` (raw readings -> per-minute windows), `local`
-(everything on this machine), `provision`, `redrive` (dead letters back into the table),
+(everything on this machine), `provision`, `redrive` (dead letters back where they were going),
 `settings`, `produce` (the workshop's producer)."""
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     redrive = commands.add_parser(
         "redrive",
-        help="write dead-lettered records back into the table, once the cause is fixed",
+        help="send dead-lettered records back, once the cause is fixed: run's into the table, "
+        "aggregate's onto the stream they came from",
     )
     _settings_options(redrive)
     redrive.add_argument(
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="retries of a failed write before the record stays dead-lettered (default 10; "
         "-1 retries for as long as the fault lasts)",
+    )
+    redrive.add_argument(
+        "--application",
+        choices=("run", "aggregate"),
+        help="send only this application's letters, the others stay (needed when the source "
+        "holds letters of both)",
     )
     status = commands.add_parser(
         "status", help="every shard's state, owner, checkpoint and lag, and every worker"
@@ -270,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shards = None if args.all else args.shard
             return _run_loop(_reset(settings, shards, target, args.force))
         if args.command == "redrive":
-            return _run_loop(_redrive(settings, args.source, args.max_retry_attempts))
+            redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
+            return _run_loop(redriving)
         if args.command == "local":
             from wildrydes_stream.local.runner import LocalOptions, run_local
 
@@ -349,10 +357,12 @@ async def _serve_until_signalled(consumer: Consumer) -> int:
     return consumer.exit_code
 
 
-async def _redrive(settings: Settings, source: str, max_retry_attempts: int) -> int:
+async def _redrive(
+    settings: Settings, source: str, max_retry_attempts: int, application: str | None
+) -> int:
     from wildrydes_stream.admin.redrive import redrive
 
-    report = await redrive(settings, source, max_retry_attempts)
+    report = await redrive(settings, source, max_retry_attempts, application)
     print(report.line())
     return 0 if report.failed == 0 else 1
 

@@ -22,6 +22,7 @@ SQS_INTERNAL = AwsError(
 ENTRY_FIELDS = {
     "reason",
     "kind",
+    "application",
     "stream",
     "shard_id",
     "sequence_number",

@@ -281,6 +281,8 @@ class WindowSink:
 class WindowAggregation:
     """The Application: readings in, windows out on `stream_name`."""
 
+    name = "aggregate"
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.aggregation = Aggregation(settings)

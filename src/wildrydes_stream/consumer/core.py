@@ -91,6 +91,8 @@ class Application(Protocol):
     """What one use of the consumer adds: decoding, a start-up check and the sink, and the
     per-shard state that moves with a lease (None when it keeps none)."""
 
+    name: str
+    """`run` or `aggregate`: named in every dead letter, so `redrive` knows where it goes."""
     state: ShardState | None
 
     def decode(self, data: bytes) -> tuple[ItemKey, Any]:
@@ -161,7 +163,9 @@ class Consumer:
         await self.http.start()
         try:
             clients = await self._clients.__aenter__()
-            deadletters = DeadLetters(self._destinations(clients), self.metrics)
+            deadletters = DeadLetters(
+                self._destinations(clients), self.metrics, self.application.name
+            )
             await self._check_stream(clients)
             await self.application.check(clients)
             await deadletters.check()

@@ -34,6 +34,7 @@ class TableCopy:
     """Each record becomes one item of `table_name`; a unicorn's magic falling below
     `alert_magic_threshold` (and recovering) raises an alert."""
 
+    name = "run"
     state: ShardState | None
 
     def __init__(self, settings: Settings) -> None:

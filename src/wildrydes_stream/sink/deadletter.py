@@ -28,7 +28,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter
-from wildrydes_stream.sink.letters import dumps, entry
+from wildrydes_stream.sink.letters import RUN, dumps, entry
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class LetterBatch:
     """s3://bucket/key of the object holding the entries, line i+1 = entries[i], once written."""
 
     @classmethod
-    def of(cls, letters: list[DeadLetter]) -> LetterBatch:
+    def of(cls, letters: list[DeadLetter], application: str) -> LetterBatch:
+        """The batch of `application`'s letters (`run` or `aggregate`: each entry names it)."""
         at = datetime.now(UTC)
-        return cls(letters, at, [entry(letter, at) for letter in letters])
+        return cls(letters, at, [entry(letter, at, application) for letter in letters])
 
 
 class Destination(Protocol):
@@ -124,14 +125,21 @@ class Retry:
 
 
 class DeadLetters:
-    """Every configured destination; counts what it sends."""
+    """Every configured destination; counts what it sends.
 
-    def __init__(self, destinations: list[Destination], metrics: Metrics) -> None:
+    `application` is the service whose records these are, `run` (the table copy) or
+    `aggregate`: every entry names it, so that `redrive` knows where to send the record back.
+    """
+
+    def __init__(
+        self, destinations: list[Destination], metrics: Metrics, application: str = RUN
+    ) -> None:
         if not destinations:
             raise ValueError("at least one dead-letter destination is needed")
         self._archives = [d for d in destinations if d.archive]
         self._others = [d for d in destinations if not d.archive]
         self._metrics = metrics
+        self.application = application
 
     async def check(self) -> None:
         """Every destination usable, checked one after the other so the first fault is named."""
@@ -141,7 +149,7 @@ class DeadLetters:
     async def send(self, letters: list[DeadLetter]) -> None:
         if not letters:
             return
-        batch = LetterBatch.of(letters)
+        batch = LetterBatch.of(letters, self.application)
         for archive in self._archives:
             await archive.send(batch)
         await asyncio.gather(*(d.send(batch) for d in self._others))
@@ -150,6 +158,7 @@ class DeadLetters:
             log.warning(
                 "record dead-lettered",
                 extra={
+                    "application": self.application,
                     "shard": letter.shard_id,
                     "sequence_number": str(letter.sequence),
                     "reason": letter.reason,

@@ -2,8 +2,13 @@
 
 One JSON object per record, the same in every destination:
 
-    {"reason": ..., "kind": ..., "stream": ..., "shard_id": ..., "sequence_number": "...",
-     "arrival_time": ISO 8601, "dead_lettered_at": ISO 8601, "data_base64": ...}
+    {"reason": ..., "kind": ..., "application": "run" | "aggregate", "stream": ...,
+     "shard_id": ..., "sequence_number": "...", "arrival_time": ISO 8601,
+     "dead_lettered_at": ISO 8601, "data_base64": ...}
+
+`application` is the service that dead-lettered the record, and so where `redrive` sends it
+back: `run`'s records into the table, `aggregate`'s onto the stream in `stream`. Entries
+written before entries named their application carry none; `application_of` reads them.
 
 The raw record is stored once, as base64 (any bytes survive JSON). Where a destination cannot
 hold it (an SQS message is at most 256 KiB) the entry carries `data_s3_uri` and `data_s3_line`
@@ -19,19 +24,23 @@ import binascii
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from wildrydes_stream.errors import ConfigError
 from wildrydes_stream.records.envelope import DeadLetter
 
 OMITTED_NOTE = " (record data too large for SQS, omitted)"
 
+RUN: Final = "run"
+AGGREGATE: Final = "aggregate"
 
-def entry(letter: DeadLetter, at: datetime) -> dict[str, Any]:
-    """The entry of one dead letter, with its payload."""
+
+def entry(letter: DeadLetter, at: datetime, application: str) -> dict[str, Any]:
+    """The entry of one dead letter of `application` (`run` or `aggregate`), with its payload."""
     return {
         "reason": letter.reason,
         "kind": letter.kind,
+        "application": application,
         "stream": letter.stream,
         "shard_id": letter.shard_id,
         "sequence_number": str(letter.sequence),
@@ -67,6 +76,19 @@ def payload(value: dict[str, Any]) -> bytes | Pointer | None:
     if isinstance(uri, str) and isinstance(line, int):
         return Pointer(uri, line)
     return None
+
+
+def application_of(value: dict[str, Any], raw_stream: str) -> str:
+    """The application that dead-lettered an entry, as the entry names it.
+
+    Entries written before entries named their application carry none. Such an entry is
+    `aggregate`'s when its stream is `raw_stream` (a reading: no other application reads that
+    stream) and `run`'s otherwise (a record of the stream `run` copies into the table; a
+    window `aggregate` could not put on that stream ends in the table either way)."""
+    application = value.get("application")
+    if isinstance(application, str):
+        return application
+    return AGGREGATE if value.get("stream") == raw_stream else RUN
 
 
 def identity(value: dict[str, Any]) -> tuple[str, str] | None:
