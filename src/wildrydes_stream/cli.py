@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from wildrydes_stream import __version__
-from wildrydes_stream.config import CONFIG_FILE_ENV, Loaded, Settings, describe, load
+from wildrydes_stream.config import (
+    CONFIG_FILE_ENV,
+    Loaded,
+    Settings,
+    describe,
+    load,
+    shown_value,
+)
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
 from wildrydes_stream.runtime.heap import settle_heap
@@ -296,11 +303,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def render_effective(loaded: Loaded) -> str:
     """The settings in effect, as TOML (so the output can be saved and used as a file), each
-    with where its value came from."""
+    with where its value came from. A URL that may carry a secret shows its scheme and host
+    only, on a commented-out line (a saved file must not send alerts to a truncated URL)."""
     lines = []
     for name, value in dataclasses.asdict(loaded.settings).items():
-        text = json.dumps(value) if isinstance(value, str) else repr(value)
-        lines.append(f"{name} = {text}  # {loaded.sources[name]}")
+        shown, redacted = shown_value(name, value)
+        text = repr(shown)
+        if isinstance(shown, str):
+            text = json.dumps(shown, ensure_ascii=not redacted)
+        line = f"{name} = {text}  # {loaded.sources[name]}"
+        lines.append(f"# {line} (path not shown: it may hold a secret)" if redacted else line)
     return "\n".join(lines)
 
 

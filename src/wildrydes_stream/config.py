@@ -38,9 +38,18 @@ def _setting(
     minimum: float | None = None,
     maximum: float | None = None,
     aliases: tuple[str, ...] = (),
+    secret_path: bool = False,
 ) -> Any:
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "aliases": aliases}
-    return dataclasses.field(default=default, metadata=meta)
+    """A setting; `secret_path` marks a URL whose path may carry a secret (shown as scheme and
+    host only: `shown_value`), also left out of the settings' repr."""
+    meta = {
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "aliases": aliases,
+        "secret_path": secret_path,
+    }
+    return dataclasses.field(default=default, metadata=meta, repr=not secret_path)
 
 
 def _default_worker_id() -> str:
@@ -252,6 +261,7 @@ class Settings:
         "",
         "http(s) URL each low-magic alert is POSTed to as one JSON object (2xx = delivered); "
         "empty disables it.",
+        secret_path=True,
     )
     alert_max_unicorns_tracked: int = _setting(
         1000,
@@ -317,6 +327,34 @@ def describe() -> list[tuple[str, str, Any, str]]:
         names = " / ".join([env, *field.metadata["aliases"]])
         rows.append((field.name, names, field.default, field.metadata["doc"]))
     return rows
+
+
+def redact_url(url: str) -> str:
+    """The URL as logs and messages may show it: scheme and host (with port) only, `…` for
+    anything after them. Webhook URLs (Slack, Teams) carry their secret in the path or query,
+    and user info may hold a password, so neither is shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "…"
+    if parts.scheme and parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        rest = "" if parts.path in ("", "/") and not parts.query and not parts.fragment else "…"
+        return f"{parts.scheme}://{host}/{rest}"
+    # Not scheme://host: show what looks like a host before the first "/", nothing else.
+    head, slash, _ = url.partition("/")
+    if "." in head and head.isascii() and head.isprintable() and "@" not in head:
+        return f"{head}/…" if slash else head
+    return "…"
+
+
+def shown_value(name: str, value: Any) -> tuple[Any, bool]:
+    """(the value as it may be shown, whether it was redacted) for a setting."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    if field.metadata["secret_path"] and isinstance(value, str) and value:
+        shown = redact_url(value)
+        return shown, shown != value
+    return value, False
 
 
 # WILDRYDES_* variables that are not settings.
@@ -505,7 +543,8 @@ def _check_alert_destinations(settings: Settings) -> None:
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
-                f"setting alert_webhook_url: {url!r} is not an http:// or https:// URL with a host"
+                f"setting alert_webhook_url: {redact_url(url)!r} is not an http:// or https:// "
+                "URL with a host"
             )
 
 

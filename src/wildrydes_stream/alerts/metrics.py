@@ -41,6 +41,15 @@ class AlertMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.refused = Counter(
+            "alerts_refused_total",
+            "Low-magic alerts a destination refused for themselves (a webhook's 4xx other than "
+            "401, 403, 404, 408, 429 and the like; SNS InvalidParameter), by destination: not "
+            "retried, the record is dead-lettered as alert_refused.",
+            ["destination"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.queued = Gauge(
             "alert_queue_alerts",
             "Low-magic alerts waiting for delivery.",
@@ -52,6 +61,7 @@ class AlertMetrics:
         for destination in destinations:  # exported at 0 from the start
             assert destination in NAMES, destination
             self.failures.labels(destination)
+            self.refused.labels(destination)
             for state in ("firing", "resolved"):
                 self.alerts.labels(state, destination)
         self._max_unicorns = max_unicorns

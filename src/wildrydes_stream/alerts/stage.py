@@ -9,6 +9,11 @@ that was not delivered: after a crash the record is read again and its alert sen
 the same id. Alerts are delivered by one task, in order (a unicorn's `resolved` never overtakes
 its `firing`), from a queue of their own: a failing destination is retried with capped backoff
 and counted, and holds up the table writes of other records only once that queue is full.
+
+A destination that refuses one alert for itself (`AlertRefused`: a webhook's 400, SNS's
+InvalidParameter) would refuse it forever, and every later alert would wait behind it: the
+record is dead-lettered instead (kind `alert_refused`, the reason naming the destination and
+its answer), counted, and acknowledged, and delivery moves on.
 """
 
 from __future__ import annotations
@@ -21,17 +26,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
-from wildrydes_stream.alerts.destinations import SETTING_OF, Alert, Destination
+from wildrydes_stream.alerts.destinations import (
+    SETTING_OF,
+    Alert,
+    AlertRefused,
+    Destination,
+    printable,
+)
 from wildrydes_stream.alerts.metrics import AlertMetrics
 from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.aws.retry import backoff_delay, error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.records.envelope import Envelope, Tenure
+from wildrydes_stream.records.envelope import DeadLetter, Envelope, Tenure
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.background import BackgroundTasks
+from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.dynamodb import WriterPool
 
 log = logging.getLogger(__name__)
+
+REFUSED_KIND = "alert_refused"
+"""Dead-letter kind (metric label) of a record whose alert a destination refused."""
 
 
 class _Both:
@@ -59,6 +74,10 @@ class _Pending:
     alert: Alert
     tenure: Tenure
     sequence: int
+    shard_id: str
+    data: bytes
+    """The record, for the dead letter should a destination refuse the alert."""
+    arrival: float
 
 
 class AlertStage:
@@ -71,11 +90,13 @@ class AlertStage:
         metrics: AlertMetrics,
         settings: Settings,
         on_failure: Callable[[BaseException], None],
+        deadletters: DeadLetters,
     ) -> None:
         self._states = states
         self._destinations = destinations
         self._metrics = metrics
         self._settings = settings
+        self._deadletters = deadletters
         self._epoch_ms = settings.status_time_format == "epoch_ms"
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(settings.alert_queue_size)
         self._tasks = BackgroundTasks(on_failure)
@@ -102,9 +123,11 @@ class AlertStage:
             status_time = value["S"]
         return Alert(name, status_time, epoch_ms, magic, self._states.threshold, state)
 
-    async def put(self, alert: Alert, tenure: Tenure, sequence: int) -> None:
-        """Queue an alert for delivery; waits while the queue is full."""
-        await self._queue.put(_Pending(alert, tenure, sequence))
+    async def put(self, alert: Alert, tenure: Tenure, envelope: Envelope) -> None:
+        """Queue the alert of `envelope`'s record for delivery, to be acknowledged on `tenure`;
+        waits while the queue is full."""
+        e = envelope
+        await self._queue.put(_Pending(alert, tenure, e.sequence, e.shard_id, e.data, e.arrival))
 
     def start(self) -> None:
         if not self._tasks.started:
@@ -126,13 +149,19 @@ class AlertStage:
                 # A tenure that ended is not delivered for: the shard's new owner reads the
                 # record again (it was not acknowledged) and sends the alert itself.
                 if not pending.tenure.fenced:
-                    await asyncio.gather(*(self._deliver(d, pending) for d in self._destinations))
+                    refusals = await asyncio.gather(
+                        *(self._deliver(d, pending) for d in self._destinations)
+                    )
+                    refused = [refusal for refusal in refusals if refusal is not None]
+                    if refused and not pending.tenure.fenced:
+                        await self._dead_letter(pending, refused)
                     pending.tenure.finish(pending.sequence)
             finally:
                 queue.task_done()
 
-    async def _deliver(self, destination: Destination, pending: _Pending) -> None:
-        """Until delivered (or the tenure ends), with capped backoff between attempts."""
+    async def _deliver(self, destination: Destination, pending: _Pending) -> str | None:
+        """Until delivered (or the tenure ends), with capped backoff between attempts. Returns
+        why the destination refused the alert itself (not retried), or None."""
         s = self._settings
         alert = pending.alert
         attempt = 0
@@ -140,6 +169,9 @@ class AlertStage:
             try:
                 async with asyncio.timeout(s.alert_delivery_timeout_seconds):
                     await destination.deliver(alert)
+            except AlertRefused as exc:
+                self._metrics.refused.labels(destination.name).inc()
+                return f"{destination.name}: {exc}"
             except Exception as exc:
                 attempt += 1
                 self._failed(destination.name, exc)
@@ -148,7 +180,23 @@ class AlertStage:
                 )
                 continue
             self._metrics.alerts.labels(alert.state, destination.name).inc()
-            return
+            return None
+        return None
+
+    async def _dead_letter(self, pending: _Pending, refused: list[str]) -> None:
+        """The record of a refused alert to the dead-letter destinations (retried there until
+        stored), so that it can be acknowledged and its shard move on."""
+        reason = f"low-magic alert ({pending.alert.state}) refused by {'; '.join(refused)}"
+        letter = DeadLetter(
+            pending.data,
+            reason,
+            REFUSED_KIND,
+            self._settings.stream_name,
+            pending.shard_id,
+            pending.sequence,
+            pending.arrival,
+        )
+        await self._deadletters.send([letter])
 
     def _failed(self, destination: str, exc: BaseException) -> None:
         self._metrics.failures.labels(destination).inc()
@@ -159,11 +207,10 @@ class AlertStage:
         self._last_logged[destination] = now
         cause = error_code(exc) or type(exc).__name__
         log.warning(
-            "alert destination %s failed, retrying until it works (check %s): %s: %s",
+            "alert destination %s failed, retrying until it works (check %s): %s",
             destination,
             SETTING_OF[destination],
-            cause,
-            exc,
+            printable(f"{cause}: {exc}", 300),
             extra={"destination": destination},
         )
 
@@ -185,17 +232,17 @@ class AlertingSink:
         alerts. The writers take them first so that a cancel while the alert queue is full
         leaves no record whose bytes nobody gives back."""
         stage = self.stage
-        alerts: list[tuple[Alert, _Both, int]] = []
+        alerts: list[tuple[Alert, _Both, Envelope]] = []
         for envelope in envelopes:
             if envelope.tenure.fenced:
                 continue  # dropped by the writers, state left alone
             alert = stage.evaluate(envelope)
             if alert is not None:
                 envelope.tenure = both = _Both(envelope.tenure)
-                alerts.append((alert, both, envelope.sequence))
+                alerts.append((alert, both, envelope))
         await self.pool.put_many(envelopes)
-        for alert, both, sequence in alerts:
-            await stage.put(alert, both, sequence)
+        for alert, both, alerted in alerts:
+            await stage.put(alert, both, alerted)
 
     async def drain(self) -> None:
         await asyncio.gather(self.pool.drain(), self.stage.drain())

@@ -78,7 +78,9 @@ class TableCopy:
         metrics = AlertMetrics(
             wiring.metrics.registry, [d.name for d in chosen], s.alert_max_unicorns_tracked
         )
-        self.alerts = AlertStage(self.unicorns, chosen, metrics, s, wiring.on_failure)
+        self.alerts = AlertStage(
+            self.unicorns, chosen, metrics, s, wiring.on_failure, wiring.deadletters
+        )
         return AlertingSink(self.pool, self.alerts)
 
 
