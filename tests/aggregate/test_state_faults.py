@@ -17,7 +17,7 @@ from tests.aggregate.test_aggregate import (
     wait_output,
 )
 from tests.aggregate.test_fleet import MIDDLE, minute_of
-from tests.faultproxy import DYNAMODB_INTERNAL, FaultProxy
+from tests.faultproxy import DYNAMODB_INTERNAL, STATE_WRITE, FaultProxy
 from tests.helpers import holds, put_records, wait_for
 from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.config import Settings
@@ -41,7 +41,7 @@ async def test_a_state_table_outage_through_a_split_blocks_checkpoints_never_the
             holds(lambda: metric(aggregator, "wildrydes_checkpoints_total", shard=parent) > 0)
         )
         # The state table refuses every write from here on: no checkpoint can be stored.
-        dynamodb_proxy.fail("BatchWriteItem", DYNAMODB_INTERNAL, times=None)
+        dynamodb_proxy.fail(STATE_WRITE, DYNAMODB_INTERNAL, times=None)
         await kinesis.split_shard(
             StreamName=raw, ShardToSplit=parent, NewStartingHashKey=str(MIDDLE)
         )
