@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 
 from wildrydes_stream.aws.lean import DynamoDBData
 from wildrydes_stream.aws.retry import backoff_delay, fault_of
+from wildrydes_stream.aws.tables import ensure_table
 from wildrydes_stream.errors import LeaseLostError
 
 log = logging.getLogger(__name__)
@@ -102,32 +103,7 @@ class LeaseTable:
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
-        try:
-            described = await self._client.describe_table(TableName=self.table_name)
-            if described["Table"]["TableStatus"] == "ACTIVE":
-                return
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ResourceNotFoundException":
-                raise
-        # Missing, or being created by a replica that started at the same moment (then the
-        # create below says ResourceInUse): either way, wait until it is ACTIVE.
-        log.info("creating lease table", extra={"table": self.table_name})
-        try:
-            await self._client.create_table(
-                TableName=self.table_name,
-                AttributeDefinitions=[{"AttributeName": "leaseKey", "AttributeType": "S"}],
-                KeySchema=[{"AttributeName": "leaseKey", "KeyType": "HASH"}],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ResourceInUseException":
-                raise
-        for _ in range(600):
-            described = await self._client.describe_table(TableName=self.table_name)
-            if described["Table"]["TableStatus"] == "ACTIVE":
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"lease table {self.table_name} did not become ACTIVE")
+        await ensure_table(self._client, self.table_name, [("leaseKey", "HASH")], "lease table")
 
     async def get(self, shard_id: str) -> Lease | None:
         response = await self._client.get_item(

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from botocore.exceptions import ClientError
 
 from wildrydes_stream.aws.retry import backoff_delay
+from wildrydes_stream.aws.tables import ensure_table
 from wildrydes_stream.consumer.state import Changes, Entries, StateKey
 from wildrydes_stream.errors import WildrydesError
 
@@ -128,36 +128,9 @@ class StateStore:
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
-        try:
-            described = await self._client.describe_table(TableName=self.table_name)
-            if described["Table"]["TableStatus"] == "ACTIVE":
-                return
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ResourceNotFoundException":
-                raise
-        log.info("creating state table", extra={"table": self.table_name})
-        try:
-            await self._client.create_table(
-                TableName=self.table_name,
-                AttributeDefinitions=[
-                    {"AttributeName": "shardId", "AttributeType": "S"},
-                    {"AttributeName": "part", "AttributeType": "S"},
-                ],
-                KeySchema=[
-                    {"AttributeName": "shardId", "KeyType": "HASH"},
-                    {"AttributeName": "part", "KeyType": "RANGE"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ResourceInUseException":
-                raise
-        for _ in range(600):
-            described = await self._client.describe_table(TableName=self.table_name)
-            if described["Table"]["TableStatus"] == "ACTIVE":
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"state table {self.table_name} did not become ACTIVE")
+        await ensure_table(
+            self._client, self.table_name, [("shardId", "HASH"), ("part", "RANGE")], "state table"
+        )
 
     async def load(self, shard_id: str, ref: StateRef | None) -> Entries:
         """The entries a reference names, later segments replacing earlier ones."""
