@@ -120,6 +120,16 @@ def _entries(data: bytes) -> Iterator[tuple[StateKey, Any]]:
         yield (key, part), value
 
 
+def _older(segment_id: str, first: Segment | None) -> bool:
+    """Whether a segment comes before `first` (None: before everything): a lower ordinal, or
+    the same ordinal written by another attempt."""
+    if first is None:
+        return True
+    ordinal = int(segment_id.split("-")[0])
+    first_ordinal = int(first.id.split("-")[0])
+    return ordinal < first_ordinal or (ordinal == first_ordinal and segment_id != first.id)
+
+
 class StateStore:
     def __init__(self, client: Any, table_name: str) -> None:
         self._client = client
@@ -158,9 +168,12 @@ class StateStore:
                         entries[key] = value
         return entries
 
-    async def write(self, shard_id: str, changes: Changes, base: StateRef | None) -> StateRef:
-        """Store `changes` as a new segment after `base`'s (or, when `base` is None, as a
-        full copy on its own); the reference to commit with the checkpoint."""
+    async def write(
+        self, shard_id: str, changes: Changes, base: StateRef | None, full: bool = False
+    ) -> StateRef:
+        """Store `changes` as a new segment after `base`'s (a `full` copy: on its own, though
+        numbered after `base`'s, so what it replaces is older by number); the reference to
+        commit with the checkpoint."""
         ordinal = (base.ordinal if base is not None else 0) + 1
         segment_id = f"{ordinal:010d}-{secrets.token_hex(4)}"
         items = []
@@ -176,7 +189,7 @@ class StateStore:
             )
         await self._put(items)
         segment = Segment(segment_id, len(items), size)
-        earlier = base.segments if base is not None else ()
+        earlier = base.segments if base is not None and not full else ()
         return StateRef((*earlier, segment))
 
     def wants_full_copy(self, ref: StateRef | None, pending: int) -> bool:
@@ -191,13 +204,15 @@ class StateStore:
         return sum(s.size for s in ref.segments[1:]) + pending > max(first, 64 * 1024)
 
     async def prune(self, shard_id: str, ref: StateRef | None) -> int:
-        """Delete the shard's items `ref` does not name (older segments, and those of writes
-        never committed); all of them when `ref` is None. Returns how many."""
-        keep = {s.id for s in ref.segments} if ref is not None else set()
+        """Delete the shard's items older than what `ref` names (the segments a full copy
+        replaced, and those of writes never committed); all of them when `ref` is None.
+        Returns how many. Never an item newer than `ref`'s first segment: the shard's
+        writer may be writing the next segments meanwhile (this or another tenure)."""
+        first = ref.segments[0] if ref is not None and ref.segments else None
         stale = [
-            item["part"]["S"]
+            part
             async for item in self._items(shard_id, keys_only=True)
-            if item["part"]["S"].partition("/")[0] not in keep
+            if _older((part := item["part"]["S"]).partition("/")[0], first)
         ]
         deletes = [
             {"DeleteRequest": {"Key": {"shardId": {"S": shard_id}, "part": {"S": part}}}}

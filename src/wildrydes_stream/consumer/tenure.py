@@ -69,7 +69,7 @@ class TenureState:
             self._pending.clear()
             # Kept as the pending changes too: if the commit fails, the next try has them.
             self._pending.update(entries)
-            ref = await store.write(self.shard_id, entries, None)
+            ref = await store.write(self.shard_id, entries, self.ref, full=True)
             self._prepared = (ref, True)
             return ref.encode()
         self._pending.update(state.changes(self.shard_id, upto))
