@@ -618,7 +618,7 @@ class ShardSupervisor:
                 error_code(exc) or type(exc).__name__,
                 f"checkpoints of {len(self._blocked_checkpoints)} shard(s) failing "
                 f"({describe_error(exc)}); records are processed and checkpointed once the "
-                f"lease table {self._leases.table_name} takes writes again",
+                f"lease table {self._leases.table_name} and its -state table take writes again",
             )
         else:
             self._checkpoint_log.failed("checkpoint", exc, shard=owned.shard_id)
