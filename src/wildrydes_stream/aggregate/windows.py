@@ -152,7 +152,10 @@ class ShardWindows:
         self.unicorns: dict[str, Unicorn] = {}
         self.open: dict[tuple[str, int], Window] = {}
         """Windows holding readings not in any put yet, waiting for their end to be due."""
-        self._dirty: set[StateKey] = set()
+        self._dirty_unicorns: set[str] = set()
+        """Unicorns whose latest StatusTime changed since the last `changes`."""
+        self._dirty_windows: set[tuple[str, int]] = set()
+        """(Name, start) of windows changed (or forgotten) since the last `changes`."""
 
     @property
     def watermark_ms(self) -> int | None:
@@ -167,7 +170,7 @@ class ShardWindows:
         unicorn = self.unicorns.get(name)
         if unicorn is None:
             unicorn = self.unicorns[name] = Unicorn(time_ms)
-            self._dirty.add((name, UNICORN))
+            self._dirty_unicorns.add(name)
         window = unicorn.windows.get(start)
         offset = time_ms - start
         if window is not None and offset in window.seen:
@@ -177,7 +180,7 @@ class ShardWindows:
             return Added(late=True, refused=True)
         if time_ms > unicorn.latest_ms:
             unicorn.latest_ms = time_ms
-            self._dirty.add((name, UNICORN))
+            self._dirty_unicorns.add(name)
         if window is None:
             window = unicorn.windows[start] = Window(name, start, Aggregate.of(reading))
         else:
@@ -186,7 +189,7 @@ class ShardWindows:
         if not window.unput:
             window.arrival = arrival  # the oldest reading not in a put yet
         window.version += 1
-        self._dirty.add((name, f"{WINDOW}{start}"))
+        self._dirty_windows.add((name, start))
         watermark = unicorn.latest_ms - self._lateness_ms
         late = start + length <= watermark
         emissions: list[Emission] = []
@@ -214,7 +217,7 @@ class ShardWindows:
         for start, window in list(unicorn.windows.items()):
             if start + self._window_ms <= oldest and not window.unput:
                 del unicorn.windows[start]
-                self._dirty.add((window.name, f"{WINDOW}{start}"))
+                self._dirty_windows.add((window.name, start))
 
     def idle(self, name: str) -> list[Emission]:
         """The unicorn went silent: put its open windows as they are."""
@@ -226,10 +229,6 @@ class ShardWindows:
             for start, window in list(unicorn.windows.items())
             if (name, start) in self.open
         ]
-
-    def has_open(self, name: str) -> bool:
-        unicorn = self.unicorns.get(name)
-        return unicorn is not None and any((name, s) in self.open for s in unicorn.windows)
 
     def _emit(self, window: Window) -> Emission:
         self.open.pop((window.name, window.start_ms), None)
@@ -252,19 +251,26 @@ class ShardWindows:
         if window is None or version <= window.put_version:
             return
         window.put_version = version
-        self._dirty.add((name, f"{WINDOW}{start_ms}"))
+        self._dirty_windows.add((name, start_ms))
 
     # --- state --------------------------------------------------------------------------
 
     def changes(self) -> Changes:
         changed: Changes = {}
-        for key in self._dirty:
-            changed[key] = self._value(key)
-        self._dirty.clear()
+        for name in self._dirty_unicorns:
+            unicorn = self.unicorns.get(name)
+            changed[name, UNICORN] = None if unicorn is None else unicorn.latest_ms
+        for name, start in self._dirty_windows:
+            unicorn = self.unicorns.get(name)
+            window = unicorn.windows.get(start) if unicorn is not None else None
+            changed[name, f"{WINDOW}{start}"] = None if window is None else window.encode()
+        self._dirty_unicorns.clear()
+        self._dirty_windows.clear()
         return changed
 
     def entries(self) -> Entries:
-        self._dirty.clear()
+        self._dirty_unicorns.clear()
+        self._dirty_windows.clear()
         return dict(self._all())
 
     def _all(self) -> Iterator[tuple[StateKey, Any]]:
@@ -272,16 +278,6 @@ class ShardWindows:
             yield (name, UNICORN), unicorn.latest_ms
             for start, window in unicorn.windows.items():
                 yield (name, f"{WINDOW}{start}"), window.encode()
-
-    def _value(self, key: StateKey) -> Any:
-        name, part = key
-        unicorn = self.unicorns.get(name)
-        if unicorn is None:
-            return None
-        if part == UNICORN:
-            return unicorn.latest_ms
-        window = unicorn.windows.get(int(part.removeprefix(WINDOW)))
-        return None if window is None else window.encode()
 
     def restore(self, parts: Sequence[Mapping[StateKey, Any]]) -> list[Emission]:
         """Load the stored windows (a merge's two parents are combined); returns the windows

@@ -26,7 +26,7 @@ import logging
 import secrets
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -86,20 +86,6 @@ class StateRef:
         return cls(tuple(Segment(str(i), int(p), int(s)) for i, p, s in value["segments"]))
 
 
-@dataclass(slots=True)
-class WriteStats:
-    """What checkpoints wrote, for the benchmark's cost table and the metrics."""
-
-    items: int = 0
-    bytes: int = 0
-    write_units: int = 0
-
-
-@dataclass(slots=True)
-class _Pending:
-    changes: Changes = field(default_factory=dict)
-
-
 def _chunks(entries: Changes) -> Iterator[bytes]:
     """The entries as compressed JSON items of at most ITEM_BYTES raw each."""
     batch: list[Any] = []
@@ -134,7 +120,6 @@ class StateStore:
     def __init__(self, client: Any, table_name: str) -> None:
         self._client = client
         self.table_name = table_name
-        self.stats = WriteStats()
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
@@ -242,11 +227,6 @@ class StateStore:
 
     async def _put(self, items: list[dict[str, Any]]) -> None:
         await self._batch([{"PutRequest": {"Item": item}} for item in items])
-        self.stats.items += len(items)
-        for item in items:
-            size = len(item["data"]["B"]) + 40
-            self.stats.bytes += size
-            self.stats.write_units += -(-size // 1024)
 
     async def _batch(self, requests: list[dict[str, Any]]) -> None:
         """BatchWriteItem in batches of 25, unprocessed requests retried with backoff."""

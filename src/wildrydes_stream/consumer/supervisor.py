@@ -89,7 +89,6 @@ class ShardSupervisor:
         self._store = store
         self._settle = settle
         """Waits until what the sink holds is out (a hand-off's last checkpoint follows)."""
-        self._checkpoint_log = RetryLog(log)
         self._blocked_checkpoints: set[str] = set()
         """Shards whose last checkpoint failed (not for a lost lease)."""
         self._background: set[asyncio.Task[Any]] = set()
@@ -508,17 +507,15 @@ class ShardSupervisor:
     async def _restore(self, owned: OwnedShard) -> None:
         """Load the tenure's state, retrying (with backoff) whatever fails for as long as the
         lease is held: a shard is never read without the state its records build on."""
-        state = owned.state
         attempt = 0
-        while state is not None:
+        while owned.state is not None:
             try:
-                await state.restore(owned.inheritance)
+                await owned.state.restore(owned.inheritance)
                 break
             except Exception as exc:
                 attempt += 1
                 self._retry_log.failed("state restore", exc, shard=owned.shard_id)
-                s = self._settings
-                await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, 5.0))
+                await asyncio.sleep(self._backoff(attempt))
         owned.restored.set()
 
     async def _process(self, owned: OwnedShard, position: str, since: datetime | None) -> None:
@@ -554,8 +551,11 @@ class ShardSupervisor:
             except Exception as exc:
                 attempt += 1
                 self._checkpoint_failed(owned, exc)
-                s = self._settings
-                await asyncio.sleep(backoff_delay(attempt, s.backoff_base_seconds, 5.0))
+                await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        """Between tries of a state restore or a checkpoint that must be written."""
+        return backoff_delay(attempt, self._settings.backoff_base_seconds, 5.0)
 
     def _drop(self, owned: OwnedShard, reason: str) -> None:
         """End a tenure whose lease is lost: fence its progress so its queued records are
@@ -586,12 +586,18 @@ class ShardSupervisor:
             self._committed(owned)
         owned.checkpointed_at = time.monotonic()
         self._metrics.checkpoints.labels(owned.shard_id).inc()
-        self._blocked_checkpoints.discard(owned.shard_id)
+        self._unblock(owned.shard_id)
+
+    def _unblock(self, shard_id: str) -> None:
+        """The shard's checkpoints no longer fail (written, or the shard let go)."""
+        if shard_id not in self._blocked_checkpoints:
+            return
+        self._blocked_checkpoints.discard(shard_id)
         if not self._blocked_checkpoints and self._blocked is not None:
             self._blocked.succeeded(CHECKPOINT_API)
 
     def _committed(self, owned: OwnedShard) -> None:
-        if owned.state is None or self._store is None:
+        if owned.state is None:
             return
         replaced = owned.state.committed()
         if replaced is not None:  # a full copy: nothing older is needed any more
@@ -621,7 +627,7 @@ class ShardSupervisor:
                 f"lease table {self._leases.table_name} and its -state table take writes again",
             )
         else:
-            self._checkpoint_log.failed("checkpoint", exc, shard=owned.shard_id)
+            self._retry_log.failed("checkpoint", exc, shard=owned.shard_id)
 
     async def checkpoint_all(self, final: bool = False) -> None:
         """Store each owned shard's finished prefix where it moved since the last checkpoint
@@ -694,10 +700,7 @@ class ShardSupervisor:
         ):
             with contextlib.suppress(KeyError):
                 series.remove(owned.shard_id)
-        if self._blocked_checkpoints and owned.shard_id in self._blocked_checkpoints:
-            self._blocked_checkpoints.discard(owned.shard_id)
-            if not self._blocked_checkpoints and self._blocked is not None:
-                self._blocked.succeeded(CHECKPOINT_API)
+        self._unblock(owned.shard_id)
 
     def all_caught_up(self) -> bool:
         return all(o.poller.caught_up.is_set() for o in list(self.owned.values()))
