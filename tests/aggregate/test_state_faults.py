@@ -51,9 +51,9 @@ async def test_a_state_table_outage_through_a_split_blocks_checkpoints_never_the
         # The parent is read to its end; its SHARD_END cannot be stored and is retried.
         await wait_for(
             holds(
-                lambda: metric(aggregator, "wildrydes_checkpoint_failures_total", shard=parent) >= 2
+                lambda: metric(aggregator, "wildrydes_checkpoint_failures_total", shard=parent) >= 1
             ),
-            timeout=90,  # each failure spends botocore's own retries first
+            timeout=120,  # a failure spends botocore's own retries first
         )
         assert metric(aggregator, "wildrydes_blocked", api=CHECKPOINT_API) == 1
         assert aggregator.exit_code == 0
