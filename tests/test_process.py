@@ -32,7 +32,8 @@ from tests.process import (
 )
 from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.lease import Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
 pytestmark = [pytest.mark.slow]

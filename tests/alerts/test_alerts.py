@@ -19,7 +19,8 @@ from aiohttp import web
 from tests.helpers import holds, put_records, scan_table, wait_for
 from wildrydes_stream.alerts.state import UnicornStates
 from wildrydes_stream.config import Settings, load_settings
-from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.lease import Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.state import StateKey
 from wildrydes_stream.consumer.statestore import StateRef, StateStore
 from wildrydes_stream.copy.app import Service

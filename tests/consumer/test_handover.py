@@ -20,7 +20,8 @@ from tests.faultproxy import DYNAMODB_INTERNAL, DYNAMODB_THROTTLED, FaultProxy
 from tests.helpers import holds, put_records, scan_table, wait_for
 from tests.process import ServiceProcess, service_env
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.lease import Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
 from wildrydes_stream.runtime.waiting import wait_or_timeout

@@ -11,7 +11,8 @@ from tests.faultproxy import DYNAMODB_INTERNAL, DYNAMODB_THROTTLED, FaultProxy
 from tests.helpers import holds, put_records, scan_table, unicorn_records, wait_for
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.balancing import fair_share, lease_to_steal
-from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.lease import Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.errors import LeaseLostError
 

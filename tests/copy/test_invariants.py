@@ -25,7 +25,8 @@ from tests.copy.test_faults import make_records
 from tests.helpers import holds, put_records, scan_table, unicorn_day, wait_for
 from wildrydes_stream.admin.provision import ensure_stream, ensure_table
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.consumer.lease import SHARD_END, Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.records.envelope import ItemKey
 from wildrydes_stream.records.fields import status_time_to_epoch_ms

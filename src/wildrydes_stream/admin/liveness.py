@@ -10,7 +10,8 @@ import asyncio
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.consumer.leases import Lease, LeaseTable
+from wildrydes_stream.consumer.lease import Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 
 MARGIN = 0.5
 

@@ -20,7 +20,8 @@ from botocore.exceptions import ClientError
 
 from wildrydes_stream.admin.liveness import scan_twice
 from wildrydes_stream.config import Settings, _parse_timestamp
-from wildrydes_stream.consumer.leases import AT_TIMESTAMP, SHARD_END, Lease, LeaseTable
+from wildrydes_stream.consumer.lease import AT_TIMESTAMP, SHARD_END, Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.errors import ConfigError, WildrydesError
 
 

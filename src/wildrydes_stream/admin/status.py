@@ -15,7 +15,8 @@ from typing import Any
 
 from wildrydes_stream.admin.liveness import scan_twice
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.consumer.lease import SHARD_END, Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.source.shards import Shard, list_shards
 
 

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Collection
 
-from wildrydes_stream.consumer.leases import Lease
+from wildrydes_stream.consumer.lease import Lease
 
 
 def fair_share(leases: Collection[Lease], me: str, expired: Callable[[Lease], bool]) -> int:

@@ -1,84 +1,31 @@
-"""The lease table, in the layout of the Kinesis Client Library's.
+"""The lease table, in the layout of the Kinesis Client Library's (the item: consumer/lease.py).
 
-One item per shard: `leaseKey` (shard id), `leaseOwner`, `leaseCounter`, `checkpoint` (a
-sequence number or a sentinel), `checkpointSubSequenceNumber`, `ownerSwitchesSinceCheckpoint`
-and `parentShardId` (string set). Every write after taking a lease is conditional on this worker
-still owning it at the counter it last saw, so two replicas can never both advance one shard.
-
-One attribute KCL does not have: `startingTimestamp` (N, epoch ms), the moment a lease whose
-`checkpoint` is still `LATEST` or `AT_TIMESTAMP` starts at. The sentinel stays (KCL reads it);
-the moment lets the next owner read from where the first one started instead of asking for a
-new LATEST, which would skip whatever arrived while the lease moved.
+Reads (every lease at once, projected to the lease's attributes), creation and taking over,
+the hand-off request, and the writes of a worker holding a lease (renewal, checkpoint, release),
+which go through consumer/leasewrites.py: conditional on ownership, one at a time per lease.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.aws.lean import DynamoDBData
-from wildrydes_stream.aws.retry import backoff_delay, fault_of
 from wildrydes_stream.aws.tables import ensure_table
+from wildrydes_stream.consumer.lease import (
+    AT_TIMESTAMP,
+    LEASE_PROJECTION,
+    MOMENT_SENTINELS,
+    SHARD_END,
+    Lease,
+    is_shard_lease,
+    lease_from_item,
+)
+from wildrydes_stream.consumer.leasewrites import OwnedWrites, is_conditional_failure, retried
 from wildrydes_stream.errors import LeaseLostError
-
-log = logging.getLogger(__name__)
-
-SHARD_END: Final = "SHARD_END"
-TRIM_HORIZON: Final = "TRIM_HORIZON"
-LATEST: Final = "LATEST"
-AT_TIMESTAMP: Final = "AT_TIMESTAMP"
-MOMENT_SENTINELS: Final = frozenset({LATEST, AT_TIMESTAMP})
-"""Checkpoints that name a moment rather than a record: the lease keeps `startingTimestamp`."""
-
-
-@dataclass(slots=True)
-class Lease:
-    shard_id: str
-    checkpoint: str
-    owner: str | None
-    counter: int
-    parents: tuple[str, ...] = ()
-    owner_switches: int = 0
-    starting_ms: int | None = None
-    """`startingTimestamp`: where a LATEST or AT_TIMESTAMP checkpoint starts (epoch ms)."""
-    starting_inherited: bool = False
-    """`starting_ms` was recorded by an earlier tenure (not by this take or create)."""
-    checkpoint_owner: str | None = None
-    """`checkpointOwner` (KCL 3): the previous owner still finishing a hand-off to `owner`;
-    nobody else reads the shard until it has checkpointed and cleared it."""
-    children: tuple[str, ...] = ()
-    """`childShardIds`, once the shard is finished and its children are known."""
-    subsequence: int = 0
-    """`checkpointSubSequenceNumber`: KCL's position inside a KPL-aggregated record; above 0
-    the record at `checkpoint` was only partly processed."""
-    state_ref: str | None = None
-    """`wildrydesStateRef`: where the application's state of the shard as of `checkpoint`
-    is in the state table (consumer/statestore.py), written with it in one conditional
-    update."""
-    confirmed_at: float = field(default=0.0, compare=False)
-    """Monotonic time at which the last write that proved we hold the lease was sent."""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
-    """One write at a time per tenure: checkpoint, renewal and release all move the counter
-    they are conditional on, so two in flight would make the second look like a loss."""
-
-    @property
-    def at_shard_end(self) -> bool:
-        return self.checkpoint == SHARD_END
-
-    @property
-    def at_moment(self) -> bool:
-        """No record read yet under a LATEST or AT_TIMESTAMP start."""
-        return self.checkpoint in MOMENT_SENTINELS
-
-
-def _is_conditional_failure(exc: ClientError) -> bool:
-    return bool(exc.response["Error"]["Code"] == "ConditionalCheckFailedException")
 
 
 class LeaseTable:
@@ -100,6 +47,7 @@ class LeaseTable:
         """The lean client for the frequent calls (renewals, checkpoints, the scan a second):
         through botocore, each renewal cost about a millisecond of CPU, and a worker with 256
         shards renews 77 leases a second. Retried here as botocore's standard mode would."""
+        self._writes = OwnedWrites(client, table_name, owner, fast)
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand capacity) when missing and wait until it is active."""
@@ -113,7 +61,7 @@ class LeaseTable:
             **LEASE_PROJECTION,
         )
         item = response.get("Item")
-        return _from_item(item) if item else None
+        return lease_from_item(item) if item else None
 
     async def all(self) -> dict[str, Lease]:
         """Every lease of this stream's shards. Other items a KCL application may keep in the
@@ -124,7 +72,7 @@ class LeaseTable:
             for item in items:
                 if not is_shard_lease(item):
                     continue
-                lease = _from_item(item)
+                lease = lease_from_item(item)
                 leases[lease.shard_id] = lease
         return leases
 
@@ -141,7 +89,7 @@ class LeaseTable:
                 yield page.get("Items", [])
             return
         while True:
-            page = await _retried(lambda: fast.lease_scan(**params))
+            page = await retried(lambda: fast.lease_scan(**params))
             yield page.get("Items", [])
             last = page.get("LastEvaluatedKey")
             if not last:
@@ -160,7 +108,7 @@ class LeaseTable:
                 ExpressionAttributeValues={":children": {"SS": sorted(children)}},
             )
         except ClientError as exc:
-            if not _is_conditional_failure(exc):
+            if not is_conditional_failure(exc):
                 raise
 
     async def acquire(
@@ -184,7 +132,7 @@ class LeaseTable:
                     return None
                 return await self._take(existing)
             except ClientError as exc:
-                if not _is_conditional_failure(exc):
+                if not is_conditional_failure(exc):
                     raise
                 # Someone changed it between our read and write: read again.
         raise LeaseLostError(shard_id)
@@ -288,7 +236,7 @@ class LeaseTable:
                 },
             )
         except ClientError as exc:
-            if _is_conditional_failure(exc):
+            if is_conditional_failure(exc):
                 return False
             raise
         return True
@@ -323,7 +271,7 @@ class LeaseTable:
                 ExpressionAttributeValues=values,
             )
         except ClientError as exc:
-            if _is_conditional_failure(exc):
+            if is_conditional_failure(exc):
                 raise LeaseLostError(lease.shard_id) from None
             raise
 
@@ -338,10 +286,10 @@ class LeaseTable:
         async def write() -> None:
             if lease.owner != self.owner:
                 return  # released meanwhile: a renewal now would only fail as lost
-            await self._owned_update(lease, "SET leaseCounter = :next", {})
+            await self._writes.update(lease, "SET leaseCounter = :next", {})
             lease.counter += 1
 
-        await self._serialized(lease, write)
+        await self._writes.serialized(lease, write)
 
     async def checkpoint(self, lease: Lease, checkpoint: str, state_ref: str | None = None) -> None:
         """Store progress, and with it where the application's state as of that checkpoint is
@@ -365,7 +313,7 @@ class LeaseTable:
             if state_ref is not None:
                 expression += ", wildrydesStateRef = :state"
                 values[":state"] = {"S": state_ref}
-            await self._owned_update(
+            await self._writes.update(
                 lease, expression + removed, values, names={"#cp": "checkpoint"}
             )
             lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
@@ -373,56 +321,7 @@ class LeaseTable:
             if state_ref is not None:
                 lease.state_ref = state_ref
 
-        await self._serialized(lease, write)
-
-    async def _serialized(self, lease: Lease, write: Callable[[], Awaitable[None]]) -> None:
-        """Run `write` after any earlier write to the lease, to its end even if the caller is
-        cancelled (a stop cancels the checkpointer): abandoned half way, it may have moved the
-        counter in the table but not in `lease`, and our next write would fail as lost."""
-
-        async def locked() -> None:
-            async with lease.lock:
-                await write()
-
-        task = asyncio.ensure_future(locked())
-        # Abandoned by a cancelled or timed-out caller, its outcome is still consumed here.
-        task.add_done_callback(_consume)
-        await asyncio.shield(task)
-
-    async def _owned_update(
-        self,
-        lease: Lease,
-        expression: str,
-        values: dict[str, Any],
-        names: dict[str, str] | None = None,
-    ) -> None:
-        """An update conditional on our ownership at the counter last seen."""
-        extra: dict[str, Any] = {"ExpressionAttributeNames": names} if names else {}
-        sent = time.monotonic()
-        params = {
-            "TableName": self.table_name,
-            "Key": {"leaseKey": {"S": lease.shard_id}},
-            "UpdateExpression": expression,
-            "ConditionExpression": "leaseOwner = :me AND leaseCounter = :seen",
-            "ExpressionAttributeValues": {
-                **values,
-                ":me": {"S": self.owner},
-                ":next": {"N": str(lease.counter + 1)},
-                ":seen": {"N": str(lease.counter)},
-            },
-            **extra,
-        }
-        fast = self._fast
-        try:
-            if fast is None:
-                await self._client.update_item(**params)
-            else:
-                await _retried(lambda: fast.lease_update(**params))
-        except ClientError as exc:
-            if _is_conditional_failure(exc):
-                raise LeaseLostError(lease.shard_id) from None
-            raise
-        lease.confirmed_at = max(lease.confirmed_at, sent)
+        await self._writes.serialized(lease, write)
 
     async def delete_finished(self, shard_id: str) -> bool:
         """Remove a lease at SHARD_END (its shard has been trimmed away); False if it is not."""
@@ -435,7 +334,7 @@ class LeaseTable:
                 ExpressionAttributeValues={":end": {"S": SHARD_END}},
             )
         except ClientError as exc:
-            if _is_conditional_failure(exc):
+            if is_conditional_failure(exc):
                 return False
             raise
         return True
@@ -445,78 +344,11 @@ class LeaseTable:
         longer held it (taken, or a hand-off asked of it)."""
 
         async def write() -> None:
-            await self._owned_update(lease, "REMOVE leaseOwner SET leaseCounter = :next", {})
+            await self._writes.update(lease, "REMOVE leaseOwner SET leaseCounter = :next", {})
             lease.owner, lease.counter = None, lease.counter + 1
 
         try:
-            await self._serialized(lease, write)
+            await self._writes.serialized(lease, write)
         except LeaseLostError:
             return False
         return True
-
-
-def _consume(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("abandoned lease write failed", exc_info=task.exception())
-
-
-# botocore's standard retry mode, for the calls on the lean client: 5 attempts in all, with
-# full-jitter backoff, for throttling, 5xx and network faults only.
-LEAN_ATTEMPTS: Final = 5
-
-
-async def _retried(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    attempt = 1
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            if attempt >= LEAN_ATTEMPTS or fault_of(exc) not in ("throttle", "transient"):
-                raise
-            await asyncio.sleep(backoff_delay(attempt, 0.05, 1.0))
-            attempt += 1
-
-
-# What the scan and reads ask for: the lease's own attributes (KCL's and this service's), never
-# whatever else an item of the table may carry (the state lives in the state table).
-_LEASE_ATTRIBUTES: Final = (
-    "leaseKey",
-    "leaseOwner",
-    "leaseCounter",
-    "checkpoint",
-    "checkpointSubSequenceNumber",
-    "ownerSwitchesSinceCheckpoint",
-    "parentShardId",
-    "startingTimestamp",
-    "childShardIds",
-    "checkpointOwner",
-    "wildrydesStateRef",
-    "entityType",
-)
-LEASE_PROJECTION: Final[dict[str, Any]] = {
-    "ProjectionExpression": ", ".join(f"#a{i}" for i in range(len(_LEASE_ATTRIBUTES))),
-    "ExpressionAttributeNames": {f"#a{i}": name for i, name in enumerate(_LEASE_ATTRIBUTES)},
-}
-
-
-def is_shard_lease(item: dict[str, Any]) -> bool:
-    """A single-stream lease (its key a shard id), not another item a KCL application keeps."""
-    key = item.get("leaseKey", {}).get("S", "")
-    return bool(key) and ":" not in key and "entityType" not in item
-
-
-def _from_item(item: dict[str, Any]) -> Lease:
-    starting = item.get("startingTimestamp", {}).get("N")
-    return Lease(
-        shard_id=item["leaseKey"]["S"],
-        checkpoint=item.get("checkpoint", {}).get("S", TRIM_HORIZON),
-        owner=item.get("leaseOwner", {}).get("S"),
-        counter=int(item.get("leaseCounter", {}).get("N", "0")),
-        parents=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
-        owner_switches=int(item.get("ownerSwitchesSinceCheckpoint", {}).get("N", "0")),
-        starting_ms=int(starting) if starting is not None else None,
-        subsequence=int(item.get("checkpointSubSequenceNumber", {}).get("N", "0")),
-        children=tuple(sorted(item.get("childShardIds", {}).get("SS", []))),
-        checkpoint_owner=item.get("checkpointOwner", {}).get("S"),
-        state_ref=item.get("wildrydesStateRef", {}).get("S"),
-    )

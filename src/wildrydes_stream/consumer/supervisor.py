@@ -25,7 +25,8 @@ from typing import Any
 from wildrydes_stream.aws.retry import backoff_delay, describe_error, error_code
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.balancing import lease_to_steal
-from wildrydes_stream.consumer.leases import AT_TIMESTAMP, LATEST, SHARD_END, Lease, LeaseTable
+from wildrydes_stream.consumer.lease import AT_TIMESTAMP, LATEST, SHARD_END, Lease
+from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.consumer.state import ShardState
 from wildrydes_stream.consumer.statestore import StateRef, StateStore

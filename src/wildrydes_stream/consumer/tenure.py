@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wildrydes_stream.consumer.leases import Lease
+from wildrydes_stream.consumer.lease import Lease
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.consumer.state import Changes, ShardState, StateKey, held_by
 from wildrydes_stream.consumer.statestore import StateRef, StateStore
