@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from wildrydes_stream.records.envelope import DeadLetter
+from wildrydes_stream.records.position import position
 
 
 async def receive_all(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
@@ -65,7 +66,8 @@ def reading(name: str, second: int) -> bytes:
 def letter(
     data: bytes, sequence: int, kind: str = "retries", stream: str = "wildrydes-aggregated"
 ) -> DeadLetter:
-    return DeadLetter(data, "write retries exhausted", kind, stream, "shardId-000", sequence, 0.0)
+    at = position(sequence)
+    return DeadLetter(data, "write retries exhausted", kind, stream, "shardId-000", at, 0.0)
 
 
 async def stream_records(kinesis: Any, stream: str) -> list[tuple[bytes, str]]:

@@ -25,7 +25,8 @@ from tests.helpers import holds, put_records, wait_for
 from wildrydes_stream.aggregate.readings import decode_reading
 from wildrydes_stream.aggregate.windows import Emission, ShardWindows
 from wildrydes_stream.config import Settings
-from wildrydes_stream.consumer.state import hash_key, held_by
+from wildrydes_stream.consumer.state import held_by
+from wildrydes_stream.records.routing import hash_key
 
 FLEET = [f"unicorn-{i:04d}" for i in range(1000)] + ["Silver Blaze", "Épona", "a\r\nb", " "]
 SKEWED = "Clockwork"

@@ -181,7 +181,8 @@ def test_windows_out_of_event_time_order_never_re_fire_or_re_resolve() -> None:
 
 def test_a_child_shard_takes_only_the_unicorns_its_hash_range_holds() -> None:
     """After a split, the child that never sees a low unicorn must not keep it low."""
-    from wildrydes_stream.consumer.state import hash_key, held_by
+    from wildrydes_stream.consumer.state import held_by
+    from wildrydes_stream.records.routing import hash_key
 
     states = UnicornStates(50)
     states.restore("parent", [])

@@ -30,6 +30,7 @@ from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
 from wildrydes_stream.records.envelope import ItemKey
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
+from wildrydes_stream.records.position import position
 from wildrydes_stream.sink.dynamodb import Batch, BatchWriter
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,6 +175,7 @@ async def test_a_write_finishing_late_holds_the_checkpoint_back_until_it_lands(
     results = await put_records(kinesis, settings.stream_name, records)
     shard = results[0]["ShardId"]
     seqs = [int(r["SequenceNumber"]) for r in results]
+    at = [position(seq) for seq in seqs]  # what the progress counts in
 
     service = Service(settings)
     running.append(service)
@@ -193,9 +195,9 @@ async def test_a_write_finishing_late_holds_the_checkpoint_back_until_it_lands(
     # Every earlier record and some later ones are in the table, and acknowledged...
     await wait_for(neighbours_landed)
     await wait_for(holds(lambda: service.metrics.snapshot().written > held_index))
-    await wait_for(holds(lambda: (progress.checkpoint or 0) >= seqs[held_index - 1]))
+    await wait_for(holds(lambda: (progress.checkpoint or 0) >= at[held_index - 1]))
     # ...yet the checkpoint stops just before the held record, in memory and in the table.
-    assert progress.checkpoint == seqs[held_index - 1]
+    assert progress.checkpoint == at[held_index - 1]
 
     async def lease_at_least(value: int) -> bool:
         checkpoint = await _lease_checkpoint(dynamodb, settings, shard)
@@ -205,13 +207,13 @@ async def test_a_write_finishing_late_holds_the_checkpoint_back_until_it_lands(
     assert await _lease_checkpoint(dynamodb, settings, shard) == str(seqs[held_index - 1])
     items = {_item_key(i) for i in await scan_table(dynamodb, settings.table_name)}
     assert held_key not in items
-    assert progress.checkpoint == seqs[held_index - 1]
+    assert progress.checkpoint == at[held_index - 1]
     assert not progress.drained.is_set()
 
     release.set()
     await wait_for(lambda: lease_at_least(seqs[-1]))
     assert await _lease_checkpoint(dynamodb, settings, shard) == str(seqs[-1])
-    assert progress.checkpoint == seqs[-1]
+    assert progress.checkpoint == at[-1]
     await service.stop()
     items = {_item_key(i) for i in await scan_table(dynamodb, settings.table_name)}
     assert items == {_key(r) for r in records}
@@ -325,11 +327,11 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
     checkpoint = LeaseTable.checkpoint
 
     async def record_shard_end(
-        self: LeaseTable, lease: Lease, value: str, state: str | None = None
+        self: LeaseTable, lease: Lease, value: str, state: str | None = None, sub: int = 0
     ) -> None:
         if value == SHARD_END:
             shard_ends.append((lease.shard_id, len(parent_written)))
-        await checkpoint(self, lease, value, state)
+        await checkpoint(self, lease, value, state, sub)
 
     monkeypatch.setattr(BatchWriter, "write", parent_waits)
     monkeypatch.setattr(LeaseTable, "checkpoint", record_shard_end)
@@ -380,7 +382,7 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
             return False
         for child in children:
             owned = supervisor.owned.get(child)
-            if owned is None or owned.progress.checkpoint != last_on[child]:
+            if owned is None or owned.progress.checkpoint != position(last_on[child]):
                 return False
         return True
 

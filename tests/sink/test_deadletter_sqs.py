@@ -26,6 +26,7 @@ ENTRY_FIELDS = {
     "stream",
     "shard_id",
     "sequence_number",
+    "subsequence_number",
     "arrival_time",
     "dead_lettered_at",
     "data_base64",

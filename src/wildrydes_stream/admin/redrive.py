@@ -41,6 +41,7 @@ from wildrydes_stream.errors import RecordError, WildrydesError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, Item, ItemKey
+from wildrydes_stream.records.position import position
 from wildrydes_stream.sink.deadletter import DeadLetters, LetterBatch, locked
 from wildrydes_stream.sink.deadletter_s3 import SUFFIX
 from wildrydes_stream.sink.dynamodb import WriterPool
@@ -614,9 +615,10 @@ class BucketSource:
 
 def _origin(value: dict[str, Any], index: int) -> tuple[str, int]:
     """Shard and sequence of an entry, as the writer reports failures by; unique per call."""
-    found = identity(value)
-    if found is not None and found[1].isdigit():
-        return found[0], int(found[1])
+    shard, sequence = value.get("shard_id"), value.get("sequence_number")
+    sub = value.get("subsequence_number", 0)
+    if isinstance(shard, str) and isinstance(sequence, str) and sequence.isdigit():
+        return shard, position(int(sequence), sub if isinstance(sub, int) else 0)
     return "unknown", -1 - index
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wildrydes_stream.aws.retry import describe_error, error_code
+from wildrydes_stream.consumer.lease import SHARD_END
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.statestore import StateRef, StateStore
 from wildrydes_stream.consumer.tenure import OwnedShard
@@ -23,6 +24,7 @@ from wildrydes_stream.errors import LeaseLostError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
+from wildrydes_stream.records.position import sequence_of, sub_of
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +52,18 @@ class Checkpointer:
         self._background: set[asyncio.Task[Any]] = set()
         """Pruning of the state table: best effort, never awaited by a shard."""
 
-    async def write(self, owned: OwnedShard, value: str, upto: int | None) -> None:
-        """Write the state as of `upto` to the state table, then the checkpoint naming it."""
-        async with owned.checkpointing:
-            if owned.progress.fenced:
-                raise LeaseLostError(owned.shard_id)  # what it finished is not ours to store
-            ref = await owned.state.prepare(upto) if owned.state is not None else None
-            await self._leases.checkpoint(owned.lease, value, ref)
-            self.committed(owned)
-        owned.checkpointed_at = time.monotonic()
-        self._metrics.checkpoints.labels(owned.shard_id).inc()
-        self.unblock(owned.shard_id)
+    async def write(self, owned: OwnedShard, upto: int) -> None:
+        """Checkpoint at position `upto` (records/position.py): every user record up to it is
+        finished."""
+        await self._write(owned, str(sequence_of(upto)), sub_of(upto), upto)
 
-    async def write_until_done(self, owned: OwnedShard, value: str, upto: int | None) -> None:
-        """A checkpoint that must be written (SHARD_END: the children wait for it): retried
-        with backoff through any fault but a lost lease, for as long as it lasts."""
+    async def write_shard_end(self, owned: OwnedShard) -> None:
+        """SHARD_END, which the children wait for: retried with backoff through any fault but
+        a lost lease, for as long as it lasts."""
         attempt = 0
         while True:
             try:
-                await self.write(owned, value, upto)
+                await self._write(owned, SHARD_END, 0, None)
                 return
             except LeaseLostError:
                 raise
@@ -76,6 +71,18 @@ class Checkpointer:
                 attempt += 1
                 self.failed(owned, exc)
                 await asyncio.sleep(self._backoff(attempt))
+
+    async def _write(self, owned: OwnedShard, value: str, sub: int, upto: int | None) -> None:
+        """Write the state as of `upto` to the state table, then the checkpoint naming it."""
+        async with owned.checkpointing:
+            if owned.progress.fenced:
+                raise LeaseLostError(owned.shard_id)  # what it finished is not ours to store
+            ref = await owned.state.prepare(upto) if owned.state is not None else None
+            await self._leases.checkpoint(owned.lease, value, ref, sub)
+            self.committed(owned)
+        owned.checkpointed_at = time.monotonic()
+        self._metrics.checkpoints.labels(owned.shard_id).inc()
+        self.unblock(owned.shard_id)
 
     def committed(self, owned: OwnedShard) -> None:
         """A checkpoint naming the tenure's prepared state was written."""

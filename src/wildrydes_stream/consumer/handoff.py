@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from wildrydes_stream.consumer.checkpointer import Checkpointer
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.tenure import OwnedShard
+from wildrydes_stream.records.position import sequence_of, sub_of
 
 
 async def finish_and_hand_over(
@@ -35,10 +36,12 @@ async def finish_and_hand_over(
         await settle()  # what the sink holds of it is out first
     await owned.restored.wait()
     done = owned.progress.checkpoint
-    value = str(done) if done is not None else owned.lease.checkpoint
+    value, sub = owned.lease.checkpoint, owned.lease.subsequence
+    if done is not None:
+        value, sub = str(sequence_of(done)), sub_of(done)
     async with owned.checkpointing:
         ref = owned.lease.state_ref
         if owned.state is not None:
             ref = await owned.state.prepare(done)
-        await leases.checkpoint_handed(owned.lease, value, ref)
+        await leases.checkpoint_handed(owned.lease, value, ref, sub)
         checkpointer.committed(owned)

@@ -16,6 +16,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from wildrydes_stream.records.position import position
+
 SHARD_END: Final = "SHARD_END"
 TRIM_HORIZON: Final = "TRIM_HORIZON"
 LATEST: Final = "LATEST"
@@ -42,8 +44,8 @@ class Lease:
     children: tuple[str, ...] = ()
     """`childShardIds`, once the shard is finished and its children are known."""
     subsequence: int = 0
-    """`checkpointSubSequenceNumber`: KCL's position inside a KPL-aggregated record; above 0
-    the record at `checkpoint` was only partly processed."""
+    """`checkpointSubSequenceNumber`: the index of the last finished user record of the KPL
+    aggregate at `checkpoint` (0 for a plain record)."""
     state_ref: str | None = None
     """`wildrydesStateRef`: where the application's state of the shard as of `checkpoint`
     is in the state table (consumer/statestore.py), written with it in one conditional
@@ -57,6 +59,13 @@ class Lease:
     @property
     def at_shard_end(self) -> bool:
         return self.checkpoint == SHARD_END
+
+    @property
+    def position(self) -> int | None:
+        """The checkpoint as a position (records/position.py); None at a sentinel."""
+        if not self.checkpoint.isdigit():
+            return None
+        return position(int(self.checkpoint), self.subsequence)
 
     @property
     def at_moment(self) -> bool:

@@ -241,17 +241,20 @@ class LeaseTable:
             raise
         return True
 
-    async def checkpoint_handed(self, lease: Lease, checkpoint: str, state_ref: str | None) -> None:
+    async def checkpoint_handed(
+        self, lease: Lease, checkpoint: str, state_ref: str | None, subsequence: int = 0
+    ) -> None:
         """The old owner's last word in a hand-off: its checkpoint (and state), and
         `checkpointOwner` cleared, conditional on still being the checkpoint owner (the new
         owner may have moved the counter meanwhile, so the counter is added to, not compared).
         LeaseLostError when the hand-off was given up on (timed out, taken)."""
         expression = (
-            "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
+            "SET #cp = :cp, checkpointSubSequenceNumber = :sub, "
             "ownerSwitchesSinceCheckpoint = :zero"
         )
         values: dict[str, Any] = {
             ":cp": {"S": checkpoint},
+            ":sub": {"N": str(subsequence)},
             ":zero": {"N": "0"},
             ":one": {"N": "1"},
             ":me": {"S": self.owner},
@@ -291,16 +294,23 @@ class LeaseTable:
 
         await self._writes.serialized(lease, write)
 
-    async def checkpoint(self, lease: Lease, checkpoint: str, state_ref: str | None = None) -> None:
-        """Store progress, and with it where the application's state as of that checkpoint is
-        (the same conditional write, so a new owner never sees one without the other);
-        LeaseLostError when this worker no longer holds the lease."""
+    async def checkpoint(
+        self,
+        lease: Lease,
+        checkpoint: str,
+        state_ref: str | None = None,
+        subsequence: int = 0,
+    ) -> None:
+        """Store progress (a sequence number and, inside a KPL aggregate, the index of the last
+        finished user record), and with it where the application's state as of that
+        checkpoint is (the same conditional write, so a new owner never sees one without the
+        other); LeaseLostError when this worker no longer holds the lease."""
 
         async def write() -> None:
             if lease.at_shard_end:
                 return  # a prefix checkpoint queued behind SHARD_END must not move it back
             expression = (
-                "SET #cp = :cp, checkpointSubSequenceNumber = :zero, "
+                "SET #cp = :cp, checkpointSubSequenceNumber = :sub, "
                 "ownerSwitchesSinceCheckpoint = :zero, leaseCounter = :next"
             )
             # KCL removes its two-phase checkpoint attributes on every checkpoint: a stale
@@ -309,7 +319,11 @@ class LeaseTable:
                 " REMOVE pendingCheckpoint, pendingCheckpointSubSequenceNumber, "
                 "pendingCheckpointState, wildrydesState"
             )
-            values: dict[str, Any] = {":cp": {"S": checkpoint}, ":zero": {"N": "0"}}
+            values: dict[str, Any] = {
+                ":cp": {"S": checkpoint},
+                ":sub": {"N": str(subsequence)},
+                ":zero": {"N": "0"},
+            }
             if state_ref is not None:
                 expression += ", wildrydesStateRef = :state"
                 values[":state"] = {"S": state_ref}
@@ -317,7 +331,7 @@ class LeaseTable:
                 lease, expression + removed, values, names={"#cp": "checkpoint"}
             )
             lease.checkpoint, lease.counter, lease.owner_switches = checkpoint, lease.counter + 1, 0
-            lease.subsequence = 0
+            lease.subsequence = subsequence
             if state_ref is not None:
                 lease.state_ref = state_ref
 

@@ -23,7 +23,7 @@ from wildrydes_stream.aws.retry import backoff_delay
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.checkpointer import Checkpointer
 from wildrydes_stream.consumer.handoff import finish_and_hand_over
-from wildrydes_stream.consumer.lease import AT_TIMESTAMP, LATEST, SHARD_END, Lease
+from wildrydes_stream.consumer.lease import AT_TIMESTAMP, LATEST, Lease
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.consumer.state import ShardState
@@ -59,20 +59,24 @@ class Reading:
     blocked: BlockedCalls | None
 
 
-def start_position(lease: Lease) -> tuple[str, datetime | None]:
-    """Where the poller starts: the checkpoint, or for a lease still at LATEST or
-    AT_TIMESTAMP, the moment the lease started at. A LATEST whose moment this tenure just
-    recorded is read as LATEST (the same moment, and always answerable at the tip)."""
-    if lease.subsequence > 0 and lease.checkpoint.isdigit():
-        # KCL stopped inside a KPL-aggregated record: read that record again, whole
-        # (this service does not split KPL records, so nothing of it is skipped).
-        return AT_SEQUENCE + lease.checkpoint, None
+def start_position(lease: Lease) -> tuple[str, datetime | None, int | None]:
+    """Where the poller starts, and through which position the records there are done.
+
+    At a checkpointed sequence number, as KCL does: AT that record, skipping the user records up
+    to the checkpoint's position (so a restart inside a KPL aggregate resumes after its last
+    finished sub-record, and a plain record at the checkpoint is skipped whole). For a lease
+    still at LATEST or AT_TIMESTAMP, the moment the lease started at; a LATEST whose moment
+    this tenure just recorded is read as LATEST (the same moment, and always answerable at
+    the tip)."""
+    at = lease.position
+    if at is not None:
+        return AT_SEQUENCE + lease.checkpoint, None, at
     if not lease.at_moment or lease.starting_ms is None:
-        return lease.checkpoint, None
+        return lease.checkpoint, None, None
     since = datetime.fromtimestamp(lease.starting_ms / 1000, UTC)
     if lease.checkpoint == LATEST and not lease.starting_inherited:
-        return LATEST, since
-    return AT_TIMESTAMP, since
+        return LATEST, since, None
+    return AT_TIMESTAMP, since, None
 
 
 def stale_since(owned: OwnedShard) -> float:
@@ -80,7 +84,7 @@ def stale_since(owned: OwnedShard) -> float:
     covers everything (a quiet shard is not stale), else the last checkpoint written."""
     progress = owned.progress
     done = progress.checkpoint
-    if progress.in_flight == 0 and (done is None or owned.lease.checkpoint == str(done)):
+    if progress.in_flight == 0 and (done is None or owned.lease.position == done):
         return time.monotonic()
     return owned.checkpointed_at
 
@@ -145,6 +149,7 @@ class OwnedShards:
             r.decode,
             r.budget,
             r.blocked,
+            hash_range,
         )
         owned = OwnedShard(lease, progress, poller)
         if self._state is not None and self._store is not None:
@@ -156,9 +161,9 @@ class OwnedShards:
                 tuple((p, StateRef.decode(ref)) for p, ref in parents) if inherit else (),
                 hash_range,
             )
-        position, since = start_position(lease)
+        position, since, skip_through = start_position(lease)
         owned.task = asyncio.create_task(
-            self._process(owned, position, since), name=f"shard-{lease.shard_id}"
+            self._process(owned, position, since, skip_through), name=f"shard-{lease.shard_id}"
         )
         self.by_id[lease.shard_id] = owned
         self._watch(owned)
@@ -179,14 +184,16 @@ class OwnedShards:
                 await asyncio.sleep(self._backoff(attempt))
         owned.restored.set()
 
-    async def _process(self, owned: OwnedShard, position: str, since: datetime | None) -> None:
+    async def _process(
+        self, owned: OwnedShard, position: str, since: datetime | None, skip_through: int | None
+    ) -> None:
         try:
             await self._restore(owned)
-            await owned.poller.run(position, since)
+            await owned.poller.run(position, since, skip_through)
             if not owned.progress.ended:
                 return  # stopping or fenced: the final checkpoint happens in checkpoint_all
             await owned.progress.drained.wait()
-            await self.checkpointer.write_until_done(owned, SHARD_END, None)
+            await self.checkpointer.write_shard_end(owned)
             self._forget(owned)
             self.history.append(("end", owned.shard_id))
             self.let_go(owned)
@@ -320,14 +327,14 @@ class OwnedShards:
             if owned.handing_off or not owned.restored.is_set():
                 continue  # a hand-off's last checkpoint is its own
             done = owned.progress.checkpoint
-            if done is None and final and owned.lease.checkpoint.isdigit():
-                done = int(owned.lease.checkpoint)
-            if done is None or (owned.lease.checkpoint == str(done) and not final):
+            if done is None and final:
+                done = owned.lease.position
+            if done is None or (owned.lease.position == done and not final):
                 continue
             if owned.lease.at_shard_end:
                 continue
             try:
-                await self.checkpointer.write(owned, str(done), done)
+                await self.checkpointer.write(owned, done)
             except LeaseLostError:
                 await self.lost(owned)
             except Exception as exc:

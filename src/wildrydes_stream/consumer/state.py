@@ -14,9 +14,10 @@ a restart, another after a hand-off, the children after a reshard.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+from wildrydes_stream.records.routing import hash_key
 
 StateKey = tuple[str, str]
 """(partition key, part)."""
@@ -50,12 +51,6 @@ class ShardState(Protocol):
     def forget(self, shard_id: str) -> None:
         """The tenure ended (lease lost, handed over, shard finished): drop its state."""
         ...
-
-
-def hash_key(partition_key: str) -> int:
-    """Where Kinesis puts a record with this partition key: the MD5 of its UTF-8 bytes as a
-    128-bit big-endian integer, within some shard's [starting, ending] hash key range."""
-    return int.from_bytes(hashlib.md5(partition_key.encode("utf-8")).digest(), "big")
 
 
 def within(hash_range: tuple[str, str], partition_key: str) -> bool:

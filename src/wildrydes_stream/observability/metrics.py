@@ -64,8 +64,21 @@ class Metrics:
         )
         self.records_read = Counter(
             "records_read_total",
-            "Records read from Kinesis.",
+            "Records read from Kinesis (a KPL aggregate counts its user records).",
             ["shard"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.kpl_aggregates = Counter(
+            "kpl_aggregates_total",
+            "KPL aggregated records split into their user records.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.kpl_outside_shard = Counter(
+            "kpl_records_outside_shard_total",
+            "User records of KPL aggregates whose hash key lies outside the shard's range "
+            "(packed with an outdated shard map): handled here all the same.",
             namespace=NAMESPACE,
             registry=r,
         )

@@ -28,6 +28,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.errors import WildrydesError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter
+from wildrydes_stream.records.position import sequence_of, sub_of
 from wildrydes_stream.sink.letters import RUN, dumps, entry
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ class DeadLetters:
                 extra={
                     "application": self.application,
                     "shard": letter.shard_id,
-                    "sequence_number": str(letter.sequence),
+                    "sequence_number": str(sequence_of(letter.sequence)),
+                    "subsequence_number": sub_of(letter.sequence),
                     "reason": letter.reason,
                 },
             )

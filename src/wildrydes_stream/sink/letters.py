@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from wildrydes_stream.errors import ConfigError
 from wildrydes_stream.records.envelope import DeadLetter
+from wildrydes_stream.records.position import sequence_of, sub_of
 
 OMITTED_NOTE = " (record data too large for SQS, omitted)"
 
@@ -43,7 +44,9 @@ def entry(letter: DeadLetter, at: datetime, application: str) -> dict[str, Any]:
         "application": application,
         "stream": letter.stream,
         "shard_id": letter.shard_id,
-        "sequence_number": str(letter.sequence),
+        "sequence_number": str(sequence_of(letter.sequence)),
+        # The user record's index in a KPL aggregate (0 for a plain record), as KCL numbers it.
+        "subsequence_number": sub_of(letter.sequence),
         "arrival_time": datetime.fromtimestamp(letter.arrival, UTC).isoformat(),
         "dead_lettered_at": at.isoformat(),
         "data_base64": base64.b64encode(letter.data).decode("ascii"),
@@ -92,10 +95,12 @@ def application_of(value: dict[str, Any], raw_stream: str) -> str:
 
 
 def identity(value: dict[str, Any]) -> tuple[str, str] | None:
-    """(shard id, sequence number) of an entry: what a pointer's target is checked against."""
+    """(shard id, sequence number) of an entry, with `:index` for a user record of a KPL
+    aggregate past its first: what a pointer's target is checked against."""
     shard, sequence = value.get("shard_id"), value.get("sequence_number")
+    sub = value.get("subsequence_number", 0)
     if isinstance(shard, str) and isinstance(sequence, str):
-        return shard, sequence
+        return shard, f"{sequence}:{sub}" if isinstance(sub, int) and sub > 0 else sequence
     return None
 
 

@@ -32,6 +32,7 @@ from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
+from wildrydes_stream.source.unpack import UserRecords, unpack
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,15 @@ class ShardPoller:
         decode: Decode,
         budget: ByteBudget | None = None,
         blocked: BlockedCalls | None = None,
+        hash_range: tuple[str, str] = ("", ""),
     ) -> None:
         self.shard_id = shard_id
+        self._hash_range = (
+            (int(hash_range[0]), int(hash_range[1])) if hash_range[0] and hash_range[1] else None
+        )
+        """The shard's hash key range, to count KPL sub-records packed for another shard."""
+        self._skip_through: int | None = None
+        """Position of the checkpoint read from: user records at or before it are done."""
         self._decode = decode
         self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self._client = client
@@ -104,13 +112,18 @@ class ShardPoller:
         self.caught_up = asyncio.Event()
         """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
 
-    async def run(self, checkpoint: str, since: datetime | None = None) -> None:
+    async def run(
+        self, checkpoint: str, since: datetime | None = None, skip_through: int | None = None
+    ) -> None:
         """Read from just after `checkpoint` until stopped or the shard's end.
 
         `since`: for a checkpoint still at LATEST or AT_TIMESTAMP, the moment the lease started
         at. AT_TIMESTAMP reads from it; so does an iterator renewed before the first record
-        under LATEST, as a new LATEST would skip what arrived in between."""
+        under LATEST, as a new LATEST would skip what arrived in between. `skip_through`: with
+        `checkpoint` at AT_SEQUENCE_NUMBER, the position (records/position.py) through which
+        the user records there are done."""
         self._since = since
+        self._skip_through = skip_through
         try:
             await self._read(checkpoint)
         except _Stopped:
@@ -228,45 +241,53 @@ class ShardPoller:
 
     async def _handle(self, records: list[dict[str, Any]], size: int) -> None:
         """Register, decode and dispatch a page in order. The bytes of the records handed to
-        the sink are the sink's to give back; the rest (bad records, or the whole page when
-        cancelled before the hand-over) are given back here."""
+        the sink are the sink's to give back; the rest (bad records, KPL framing, skipped
+        records, or the whole page when cancelled before the hand-over) are given back here."""
         kept = size
         try:
-            envelopes, bad = self._decode_page(records)
+            users = unpack(records, self._hash_range, self._skip_through)
+            envelopes, bad = self._decode_page(records, users)
             # The sink owns the good records' bytes from the call on, whatever happens in it.
-            kept = sum(len(letter.data) for letter in bad)
+            kept = size - sum(len(envelope.data) for envelope in envelopes)
             if envelopes:
                 await self._dispatch(envelopes)
         finally:
             self._budget.give_back(kept)
+        self._skip_through = None
         self._last_read = records[-1]["SequenceNumber"]
-        self._metrics.records_read.labels(self.shard_id).inc(len(records))
+        self._metrics.records_read.labels(self.shard_id).inc(len(users.positions))
+        if users.aggregates:
+            self._metrics.kpl_aggregates.inc(users.aggregates)
+        if users.outside_shard:
+            self._metrics.kpl_outside_shard.inc(users.outside_shard)
         if bad:
             await self._send_dead_letters(bad)
             for letter in bad:
                 self._progress.finish(letter.sequence)
 
     def _decode_page(
-        self, records: list[dict[str, Any]]
+        self, records: list[dict[str, Any]], users: UserRecords
     ) -> tuple[list[Envelope], list[DeadLetter]]:
-        """The page's records registered with the shard's progress (all of them, in order,
-        before any can finish), decoded into envelopes and dead letters."""
+        """The page's user records registered with the shard's progress (all of them, in
+        order, before any can finish), decoded into envelopes and dead letters."""
         settings, progress, shard_id, decode = (
             self._settings,
             self._progress,
             self.shard_id,
             self._decode,
         )
-        sequences = [int(record["SequenceNumber"]) for record in records]
-        progress.register_many(sequences)
+        progress.register_many(users.positions)
+        arrivals = [_arrival(record) for record in records]
+        refused = users.refused
         envelopes: list[Envelope] = []
         bad: list[DeadLetter] = []
-        for record, sequence in zip(records, sequences, strict=True):
-            data: bytes = record["Data"]
-            arrival = record.get("ApproximateArrivalTimestamp")
-            if type(arrival) is not float:
-                arrival = _epoch(arrival)
+        for index, (data, at, source) in enumerate(
+            zip(users.data, users.positions, users.source, strict=True)
+        ):
+            arrival = arrivals[source]
             try:
+                if refused and index in refused:
+                    raise RecordError(refused[index])
                 key, item = decode(data)
             except RecordError as exc:
                 bad.append(
@@ -276,12 +297,12 @@ class ShardPoller:
                         "invalid_record",
                         settings.stream_name,
                         shard_id,
-                        sequence,
+                        at,
                         arrival,
                     )
                 )
                 continue
-            envelopes.append(Envelope(shard_id, sequence, key, item, arrival, data, progress))
+            envelopes.append(Envelope(shard_id, at, key, item, arrival, data, progress))
         return envelopes, bad
 
     def _again(self, checkpoint: str) -> str:
@@ -356,6 +377,11 @@ class _Stopped(Exception):
 def _wake(sleeper: asyncio.Future[None]) -> None:
     if not sleeper.done():
         sleeper.set_result(None)
+
+
+def _arrival(record: dict[str, Any]) -> float:
+    arrival = record.get("ApproximateArrivalTimestamp")
+    return arrival if type(arrival) is float else _epoch(arrival)
 
 
 def _epoch(value: datetime | float | None) -> float:
