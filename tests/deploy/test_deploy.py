@@ -188,6 +188,7 @@ def test_kustomization_lists_every_manifest() -> None:
         "PodDisruptionBudget",
         "PodMonitor",
         "PrometheusRule",
+        "NetworkPolicy",
     }
     assert set(d.manifests(d.AGGREGATOR)) >= {
         "Deployment",
@@ -195,6 +196,7 @@ def test_kustomization_lists_every_manifest() -> None:
         "ConfigMap",
         "PodDisruptionBudget",
         "PodMonitor",
+        "NetworkPolicy",
     }
     # Every resource but the Namespace belongs to one application: named and labelled after it.
     for (kind, name), doc in d.resources().items():
@@ -453,6 +455,68 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
     assert build_parser().parse_args(command[3:]).command == COMMANDS[app]
     if app == d.COPIER:
         assert "command" not in main, "the copier runs the image's entrypoint"
+
+
+# Where Prometheus runs: the only namespace whose pods may reach the metrics port.
+MONITORING_NAMESPACE = "monitoring"
+NAMESPACE_NAME = "kubernetes.io/metadata.name"
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_network_policy_admits_only_prometheus_and_lets_out_only_dns_and_https(app: str) -> None:
+    """/metrics listens on 0.0.0.0: without a policy anything in the cluster reaches it, and
+    the pod may connect anywhere. In: the metrics port from the monitoring namespace. Out: DNS
+    to kube-system and HTTPS (the AWS APIs), nothing else."""
+    manifests = d.manifests(app)
+    policy = manifests["NetworkPolicy"]["spec"]
+    pods = {
+        name: d.manifests(name)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+        for name in APPS
+    }
+    assert set(policy["podSelector"]) == {"matchLabels"}
+    selected = {
+        n
+        for n, labels in pods.items()
+        if policy["podSelector"]["matchLabels"].items() <= labels.items()
+    }
+    assert selected == {app}
+    # Both directions are restricted (a policy without Egress leaves egress open).
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+
+    ports = {p["name"]: p["containerPort"] for p in container(app)["ports"]}
+    (ingress,) = policy["ingress"]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: MONITORING_NAMESPACE}}}
+    ], "only the monitoring namespace, and no podSelector/ipBlock widening it"
+    assert [(p["port"], p["protocol"]) for p in ingress["ports"]] == [("metrics", "TCP")]
+    assert set(ports) == {"metrics"}
+    # The PodMonitor scrapes exactly that port.
+    monitor = manifests["PodMonitor"]["spec"]
+    assert {e["port"] for e in monitor["podMetricsEndpoints"]} == {"metrics"}
+
+    allowed: set[tuple[int, str, str]] = set()
+    for rule in policy["egress"]:
+        assert rule.get("ports"), "an egress rule without ports allows every port"
+        peers = rule.get("to", [])
+        for port in rule["ports"]:
+            assert "endPort" not in port
+            if port["port"] == 53:
+                # DNS: only to the cluster's resolver in kube-system.
+                assert peers == [
+                    {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "kube-system"}}}
+                ]
+                allowed.add((53, port["protocol"], "kube-system"))
+            else:
+                assert port["port"] == 443, port
+                allowed.add((443, port["protocol"], "any"))
+    assert allowed == {(53, "UDP", "kube-system"), (53, "TCP", "kube-system"), (443, "TCP", "any")}
+    # Every endpoint the service talks to is HTTPS (443): the ConfigMap's queue, and no
+    # endpoint override pointing elsewhere.
+    environ = configmap_environ(app)
+    assert not any(key.startswith("AWS_ENDPOINT_URL") for key in environ)
+    assert configmap_settings(app).deadletter_queue_url.startswith("https://")
+    # The README names the namespace the policy admits.
+    assert f"`{MONITORING_NAMESPACE}`" in (d.ROOT / "README.md").read_text()
 
 
 def test_service_and_disruption_budget_select_the_pods() -> None:
