@@ -384,6 +384,33 @@ def test_prometheus_operator_resources() -> None:
         assert d.label_values(rule["expr"], "namespace") <= {namespace}, rule["alert"]
 
 
+@dataclass(frozen=True)
+class PodSize:
+    cpu: float
+    memory: int
+
+
+def documented_pod_size() -> PodSize:
+    """The pod README's "Scale-out arithmetic" works with: `pods of 1 CPU and 256 MiB`."""
+    readme = (d.ROOT / "README.md").read_text()
+    match = re.search(r"pods of (\d+(?:\.\d+)?) CPU and (\d+) MiB", readme.replace("\n", " "))
+    assert match, "README no longer states the pod size its sizing assumes"
+    return PodSize(float(match.group(1)), int(match.group(2)) * 2**20)
+
+
+def cpu_cores(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
 @pytest.mark.parametrize("app", APPS)
 def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> None:
     manifests = d.manifests(app)
@@ -411,9 +438,18 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
         "restricted"
     )
 
-    # Requests and limits for CPU and memory.
+    # Requests and limits for CPU and memory, as README's sizing works them out.
     for bound in ("requests", "limits"):
         assert set(main["resources"][bound]) >= {"cpu", "memory"}, bound
+    sizing = documented_pod_size()
+    requests, limits = main["resources"]["requests"], main["resources"]["limits"]
+    assert cpu_cores(requests["cpu"]) == sizing.cpu, "the README sizes pods at this CPU"
+    # One process uses one core: more than that would be idle, less throttles the share.
+    assert cpu_cores(limits["cpu"]) == sizing.cpu
+    assert memory_bytes(requests["memory"]) == sizing.memory
+    assert memory_bytes(limits["memory"]) >= memory_bytes(requests["memory"])
+    # The request holds the byte bound of the records in memory and the process around it.
+    assert memory_bytes(requests["memory"]) >= settings.max_buffered_bytes + 90 * 2**20
 
     # Probes on the endpoints the service serves (test_live_service checks they answer).
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
