@@ -21,8 +21,11 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.aggregate.test_aggregate import aggregate_settings, ride
 from tests.deploy import support as d
 from tests.helpers import put_records, wait_for
+from wildrydes_stream.admin.provision import ensure_stream
+from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.cli import build_parser
 from wildrydes_stream.config import ENV_PREFIX, Settings, describe, load, load_settings
 from wildrydes_stream.copy.app import FINAL_CHECKPOINT_TIMEOUT, Service
@@ -356,10 +359,11 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def test_prometheus_operator_resources() -> None:
-    manifests = d.manifests()
+@pytest.mark.parametrize("app", APPS)
+def test_prometheus_operator_resources(app: str) -> None:
+    manifests = d.manifests(app)
     for (kind, name), doc in d.resources().items():
-        if kind not in CRD_SCHEMAS:
+        if kind not in CRD_SCHEMAS or name != app:
             continue
         try:
             jsonschema.Draft202012Validator(CRD_SCHEMAS[kind]).validate(doc)
@@ -370,17 +374,24 @@ def test_prometheus_operator_resources() -> None:
     monitor = manifests["PodMonitor"]["spec"]
     pod_labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {p["name"] for p in container()["ports"]}
+    port_names = {p["name"] for p in container(app)["ports"]}
     for endpoint in monitor["podMetricsEndpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint.get("path", "/metrics") == "/metrics"
-    assert pod_labels[monitor["jobLabel"]] == JOB
-    for rule in d.alert_rules():
-        if any(name.startswith("wildrydes_") for name in d.metric_names(rule["expr"])):
-            assert d.label_values(rule["expr"], "job") == {JOB}, rule["alert"]
+    assert pod_labels[monitor["jobLabel"]] == app
+    # Each application has alerts of its own, on its own job (the two export the same names:
+    # an alert without the job would mix them), and on its own Deployment.
+    rules = d.alert_rules(app)
+    assert rules, f"{app} has no alerts"
+    for rule in rules:
+        names = d.metric_names(rule["expr"])
+        if any(name.startswith("wildrydes_") for name in names) or "up" in names:
+            assert d.label_values(rule["expr"], "job") == {app}, rule["alert"]
+        assert d.label_values(rule["expr"], "deployment") <= {app}, rule["alert"]
+        assert d.label_values(rule["expr"], "container") <= {app}, rule["alert"]
     # Alerts that name the namespace name the kustomization's.
     namespace = d.kustomization()["namespace"]
-    for rule in d.alert_rules():
+    for rule in rules:
         assert d.label_values(rule["expr"], "namespace") <= {namespace}, rule["alert"]
 
 
@@ -937,6 +948,7 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 
 SHARD = "shardId-000000000000"
+AGG = d.AGGREGATOR
 # Each case: input series (one sample a minute), when to evaluate, the alert, and the labels
 # it fires with ([] = must not fire).
 ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] = [
@@ -1062,6 +1074,110 @@ ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] =
         "WildrydesUnicornMagicLow",
         [],
     ),
+    # The aggregator's alerts, on its own job.
+    (
+        [_series("wildrydes_shard_behind_latest_seconds", "400x20", shard=SHARD, job=AGG)],
+        "10m",
+        "WildrydesAggregateLagHigh",
+        [{"severity": "warning", "shard": SHARD}],
+    ),
+    (
+        # The aggregator's series never fire the copier's alert (same metric names).
+        [_series("wildrydes_shard_behind_latest_seconds", "400x20", shard=SHARD, job=AGG)],
+        "10m",
+        "WildrydesStreamLagHigh",
+        [],
+    ),
+    (
+        [
+            _series("wildrydes_records_read_total", "0+600x30", shard=SHARD, job=AGG),
+            _series("wildrydes_aggregate_records_put_total", "100x30", job=AGG),
+        ],
+        "25m",
+        "WildrydesAggregateNotPutting",
+        [{"severity": "critical"}],
+    ),
+    (
+        [
+            _series("wildrydes_records_read_total", "0+600x30", shard=SHARD, job=AGG),
+            _series("wildrydes_aggregate_records_put_total", "0+10x30", job=AGG),
+        ],
+        "25m",
+        "WildrydesAggregateNotPutting",
+        [],
+    ),
+    (
+        [
+            _series("wildrydes_aggregate_watermark_delay_seconds", "700x30", shard=SHARD, job=AGG),
+            _series("wildrydes_records_read_total", "0+60x30", shard=SHARD, job=AGG),
+        ],
+        "20m",
+        "WildrydesAggregateWatermarkBehind",
+        [{"severity": "warning", "shard": SHARD}],
+    ),
+    (
+        # A quiet shard's watermark stands still: not an alert.
+        [
+            _series("wildrydes_aggregate_watermark_delay_seconds", "700x30", shard=SHARD, job=AGG),
+            _series("wildrydes_records_read_total", "100x30", shard=SHARD, job=AGG),
+        ],
+        "20m",
+        "WildrydesAggregateWatermarkBehind",
+        [],
+    ),
+    (
+        [_series("wildrydes_records_dead_lettered_total", "0 0 0 1 1 1", reason="late", job=AGG)],
+        "4m",
+        "WildrydesAggregateRecordsDeadLettered",
+        [{"severity": "warning", "reason": "late"}],
+    ),
+    (
+        [_series("wildrydes_blocked", "0 0 1x10", api="PutRecords", job=AGG)],
+        "9m",
+        "WildrydesAggregateBlocked",
+        [{"severity": "critical", "api": "PutRecords"}],
+    ),
+    (
+        [_series("wildrydes_throttles_total", "0+60x30", api="PutRecords", job=AGG)],
+        "25m",
+        "WildrydesAggregateThrottled",
+        [{"severity": "warning", "api": "PutRecords"}],
+    ),
+    (
+        [_series("wildrydes_shards_owned", "0x20", job=AGG, pod="wildrydes-aggregate-0")],
+        "15m",
+        "WildrydesAggregateNoShardsOwned",
+        [{"severity": "critical"}],
+    ),
+    (
+        [
+            _series(
+                "kube_deployment_status_replicas_ready",
+                "2 0x10",
+                namespace="wildrydes",
+                deployment=AGG,
+            )
+        ],
+        "8m",
+        "WildrydesAggregateNoReadyPods",
+        [{"severity": "critical"}],
+    ),
+    (
+        [_series("up", "1 0x10", job=AGG, pod="wildrydes-aggregate-0")],
+        "8m",
+        "WildrydesAggregateMetricsDown",
+        [{"severity": "critical"}],
+    ),
+    (
+        # The copier's pods up do not hide the aggregator's being down, nor the reverse.
+        [
+            _series("up", "1x10", job=JOB, pod="wildrydes-stream-0"),
+            _series("up", "1 0x10", job=AGG, pod="wildrydes-aggregate-0"),
+        ],
+        "8m",
+        "WildrydesStreamMetricsDown",
+        [],
+    ),
 ]
 
 
@@ -1091,14 +1207,16 @@ def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
         )
     spec = tmp_path / "alerts_test.yaml"
     spec.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": tests}))
-    # Every alert is exercised at least once.
-    assert {case[2] for case in ALERT_CASES} >= {
+    # Every alert is exercised at least once (the aggregator's all of them).
+    exercised = {case[2] for case in ALERT_CASES}
+    assert exercised >= {
         "WildrydesStreamLagHigh",
         "WildrydesStreamNotWriting",
         "WildrydesStreamRecordsDeadLettered",
         "WildrydesStreamNoReadyPods",
         "WildrydesUnicornMagicLow",
     }
+    assert exercised >= {rule["alert"] for rule in d.alert_rules(d.AGGREGATOR)}
     promtool_ok(["test", "rules", str(spec)])
 
 
@@ -1194,15 +1312,34 @@ def test_live_service_metrics_pass_promtool_and_back_every_alert_and_panel(live:
     promtool_ok(["check", "metrics"], stdin=live.metrics)
 
     exposition = d.parse_exposition(live.metrics)
-    exported = exposition.names()
     assert "wildrydes_records_written_total" in exposition.samples
     assert "wildrydes_records_dead_lettered_total" in exposition.samples
     assert "wildrydes_shard_behind_latest_seconds" in exposition.samples
     # The unicorns of the records read (the magic alert's labels are checked below with it).
     assert exposition.samples.get("wildrydes_unicorn_min_magic_points") == {"unicorn"}
 
+    problems = _unbacked(_sources(JOB), exposition)
+    assert not problems, "\n".join(problems)
+
+
+def _sources(job: str) -> list[tuple[str, str]]:
+    """Alert and dashboard expressions about one job (those naming no job read only
+    kube-state-metrics' series: they belong to the deployment or container they name)."""
     sources = [(f"alert {r['alert']}", r["expr"]) for r in d.alert_rules()]
     sources += [(q.where, q.expr) for q in d.dashboard_queries(d.dashboard())]
+
+    def whose(expr: str) -> set[str]:
+        for label in ("job", "deployment", "container"):
+            if values := d.label_values(expr, label):
+                return values
+        return {JOB}
+
+    return [(w, e) for w, e in sources if whose(e) == {job}]
+
+
+def _unbacked(sources: list[tuple[str, str]], exposition: d.Exposition) -> list[str]:
+    """Metrics and labels the expressions use that the exposition does not have."""
+    exported = exposition.names()
     problems = []
     for where, expr in sources:
         names = d.metric_names(expr)
@@ -1217,4 +1354,73 @@ def test_live_service_metrics_pass_promtool_and_back_every_alert_and_panel(live:
                 continue
             for label in sorted(d.label_names(expr) - known):
                 problems.append(f"{where}: no metric it reads has the label {label!r}")
+    return problems
+
+
+@pytest.fixture
+async def live_aggregator(settings: Settings, kinesis: Any) -> Live:
+    """A real Aggregator on the emulators, fed three minutes of readings and a bad record,
+    scraped once windows were put, a dead letter written and checkpoints taken."""
+    s = aggregate_settings(settings)
+    await ensure_stream(kinesis, s.raw_stream_name, 2)
+    await ensure_stream(kinesis, s.stream_name, 1)
+    readings = [
+        r
+        for seed, name in enumerate(("Shadowfax", "Rocinante"))
+        for r in ride(name, range(180), seed)
+    ]
+    await put_records(kinesis, s.raw_stream_name, [*readings, b"not a reading"])
+    async with Aggregator(s) as aggregator:
+        registry = aggregator.metrics.registry
+
+        def value(name: str) -> float:
+            return sum(
+                sample.value
+                for family in registry.collect()
+                for sample in family.samples
+                if sample.name == name
+            )
+
+        async def everything_seen() -> bool:
+            return (
+                value("wildrydes_aggregate_records_put_total") >= 1
+                and value("wildrydes_records_dead_lettered_total") >= 1
+                and value("wildrydes_checkpoints_total") >= 1
+                and registry.get_sample_value(
+                    "wildrydes_aggregate_watermark_delay_seconds", {"shard": SHARD}
+                )
+                is not None
+            )
+
+        await wait_for(everything_seen, timeout=60)
+        assert aggregator.http is not None
+        base = f"http://127.0.0.1:{aggregator.http.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            async with http.get(f"{base}/healthz") as response:
+                healthz = response.status
+            async with http.get(f"{base}/readyz") as response:
+                readyz = response.status
+    return Live(text, healthz, readyz)
+
+
+def test_live_aggregator_metrics_pass_promtool_and_back_its_alerts_and_panels(
+    live_aggregator: Live,
+) -> None:
+    assert (live_aggregator.healthz, live_aggregator.readyz) == (200, 200)
+    promtool_ok(["check", "metrics"], stdin=live_aggregator.metrics)
+    exposition = d.parse_exposition(live_aggregator.metrics)
+    sources = _sources(d.AGGREGATOR)
+    # The aggregator has alerts and panels of its own, on its own metrics.
+    assert {w for w, _ in sources if w.startswith("alert ")} == {
+        f"alert {r['alert']}" for r in d.alert_rules(d.AGGREGATOR)
+    }
+    read = set().union(*(d.metric_names(e) for _, e in sources))
+    aggregate_metrics = {n for n in exposition.names() if n.startswith("wildrydes_aggregate_")}
+    assert aggregate_metrics - {"wildrydes_aggregate_windows_open"} <= read | {
+        n.removesuffix("_total") for n in read
+    }, "an aggregate_* metric is on no panel or alert"
+    problems = _unbacked(sources, exposition)
     assert not problems, "\n".join(problems)
