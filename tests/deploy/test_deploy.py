@@ -125,10 +125,15 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_service() -> None:
     assert int(user) != 0
     assert pod_spec()["securityContext"]["runAsUser"] == int(user)
 
+    # The entrypoint is the CLI, `run` its default command: `aggregate`, `status`, `reset`
+    # and `redrive` are arguments, not entrypoint overrides.
     entrypoint = json.loads(final.all("ENTRYPOINT")[-1])  # exec form: a JSON array
-    assert entrypoint == ["python", "-m", "wildrydes_stream", "run"]
-    assert build_parser().parse_args(entrypoint[3:]).command == "run"
-    assert not final.all("CMD"), "arguments come from the ConfigMap, not CMD"
+    assert entrypoint == ["python", "-m", "wildrydes_stream"]
+    cmd = json.loads(final.all("CMD")[-1])
+    assert cmd == ["run"]
+    assert build_parser().parse_args(cmd).command == "run"
+    for command in ("aggregate", "status"):
+        assert build_parser().parse_args([command]).command == command
     assert final.all("STOPSIGNAL") in ([], ["SIGTERM"])
 
     exposed = {int(port.split("/")[0]) for e in final.all("EXPOSE") for port in e.split()}
@@ -136,14 +141,53 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_service() -> None:
     assert {p["containerPort"] for p in container()["ports"]} == exposed
 
     labels = " ".join(final.all("LABEL"))
-    for key in ("title", "description", "version", "revision", "licenses"):
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels, key
+    # Every ${ARG} a label reads is declared in the final stage (an ARG from before the first
+    # FROM is out of scope after it: the label would be empty).
+    declared = {arg.split("=")[0].strip() for arg in final.all("ARG")}
+    for name in re.findall(r"\$\{?(\w+)", labels):
+        assert name in declared, f"the label reads ${name}, not declared after the last FROM"
+    assert 'org.opencontainers.image.base.name="${PYTHON_IMAGE}"' in labels
+
+    # No parser directive: `# syntax=` makes BuildKit fetch a frontend image first.
+    assert not re.match(r"\s*#\s*syntax\s*=", d.DOCKERFILE.read_text(), re.IGNORECASE)
 
     # The builder installs the package: uvloop must come with it (the service runs on it).
     builder = " ".join(i for _, i in stages[0].instructions)
-    assert "pip install" in builder
+    assert "pip install" in builder or "install" in builder
     assert "import uvloop" in builder
     assert any("uvloop" in dep for dep in _project_dependencies())
+
+
+def test_image_installs_the_locked_dependencies_in_a_layer_of_their_own_without_pip() -> None:
+    _, stages = d.dockerfile_stages(d.DOCKERFILE.read_text())
+    builder = stages[0].instructions
+    # The shipped environment never gets pip or setuptools: made without pip, filled by the
+    # builder's pip through --python, and checked.
+    venvs = [args for key, args in builder if key == "RUN" and "-m venv" in args]
+    assert venvs
+    assert all("--without-pip" in args for args in venvs), venvs
+    assert "find_spec(m) for m in ('pip', 'setuptools')" in " ".join(a for _, a in builder)
+    # Dependencies: only the lock files copied, installed with --require-hashes, before the
+    # source comes in (a source change reuses the dependency layer).
+    steps = [(key, args) for key, args in builder if key in {"COPY", "RUN"}]
+    source = next(i for i, (key, args) in enumerate(steps) if key == "COPY" and "src" in args)
+    deps = next(
+        i for i, (key, args) in enumerate(steps) if key == "RUN" and "-r requirements.lock" in args
+    )
+    assert deps < source
+    (copy,) = [args for key, args in steps[:deps] if key == "COPY"]
+    assert copy.split()[:-1] == ["requirements.lock", "requirements-build.lock"]
+    for key, args in steps:
+        if key == "RUN" and " -r " in args:
+            for command in args.split("&&"):
+                if " -r " in command:
+                    assert "--require-hashes" in command, command
+    # The package itself goes in without resolving anything (everything is locked).
+    package = next(args for key, args in steps[source:] if key == "RUN" and "install" in args)
+    assert "--no-deps" in package
+    assert "--no-build-isolation" in package
 
 
 def test_dockerignore_sends_only_what_the_image_needs() -> None:
@@ -493,15 +537,11 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
     }
     assert str(Path(settings.deadletter_file).parent) in mounts
 
-    # The same user as the image's, and the image's command (or, for the aggregator, the
-    # image's interpreter and module with its own subcommand, replacing the entrypoint).
+    # The same user as the image's, and the image's entrypoint (the CLI) with the app's
+    # command as args.
     assert pod_security["runAsUser"] == pod_spec()["securityContext"]["runAsUser"]
-    assert "args" not in main, "args would be appended to the entrypoint's `run`"
-    command = main.get("command", ["python", "-m", "wildrydes_stream", "run"])
-    assert command[:3] == ["python", "-m", "wildrydes_stream"]
-    assert build_parser().parse_args(command[3:]).command == COMMANDS[app]
-    if app == d.COPIER:
-        assert "command" not in main, "the copier runs the image's entrypoint"
+    assert "command" not in main, "the image's entrypoint is the CLI: the command is args"
+    assert build_parser().parse_args(main["args"]).command == COMMANDS[app]
 
 
 # Where Prometheus runs: the only namespace whose pods may reach the metrics port.
