@@ -9,7 +9,10 @@ the test that needs it, with the way to install it: nothing is skipped.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -1464,3 +1467,35 @@ def test_live_aggregator_metrics_pass_promtool_and_back_its_alerts_and_panels(
     }, "an aggregate_* metric is on no panel or alert"
     problems = _unbacked(sources, exposition)
     assert not problems, "\n".join(problems)
+
+
+# --- a read-only root filesystem -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "aggregate"])
+@pytest.mark.parametrize("where", ["missing-directory", "a-directory"])
+def test_an_unwritable_dead_letter_file_is_a_bad_setting_exit_2(
+    tmp_path: Path, command: str, where: str
+) -> None:
+    """The pods run with a read-only root filesystem: a dead-letter path off the volume must
+    stop the pod as a bad setting (exit 2, one line naming it), as README promises."""
+    path = tmp_path / "absent" / "deadletter.jsonl" if where == "missing-directory" else tmp_path
+    result = subprocess.run(
+        [sys.executable, "-m", "wildrydes_stream", command],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("WILDRYDES_")},
+            "WILDRYDES_DEADLETTER_FILE": str(path),
+            # Never reached: the setting is refused before any AWS call.
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_REGION": "us-east-1",
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "deadletter_file" in lines[0]
+    assert "WILDRYDES_DEADLETTER_FILE" in lines[0]
