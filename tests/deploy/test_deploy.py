@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -27,11 +28,13 @@ import yaml
 from tests.aggregate.test_aggregate import aggregate_settings, ride
 from tests.deploy import support as d
 from tests.helpers import put_records, wait_for
+from wildrydes_stream import __version__
 from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.cli import build_parser
 from wildrydes_stream.config import ENV_PREFIX, Settings, describe, load, load_settings
 from wildrydes_stream.copy.app import FINAL_CHECKPOINT_TIMEOUT, Service
+from wildrydes_stream.observability.metrics import Metrics, revision
 
 # Oldest Kubernetes version the manifests must still suit, and the newest the schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
@@ -1499,3 +1502,33 @@ def test_an_unwritable_dead_letter_file_is_a_bad_setting_exit_2(
     assert len(lines) == 1, result.stderr
     assert "deadletter_file" in lines[0]
     assert "WILDRYDES_DEADLETTER_FILE" in lines[0]
+
+
+# --- wildrydes_build_info --------------------------------------------------------------------
+
+
+def test_build_info_names_the_git_revision_of_a_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install (make local, make test) reports the checkout's commit; the image
+    sets WILDRYDES_REVISION at build time (it has no .git)."""
+    head = subprocess.run(
+        ["git", "-C", str(d.ROOT), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    monkeypatch.delenv("WILDRYDES_REVISION", raising=False)
+    revision.cache_clear()
+    try:
+        registry = Metrics().registry
+        labels = {"version": __version__, "revision": head, "python": platform.python_version()}
+        assert registry.get_sample_value("wildrydes_build_info", labels) == 1
+        monkeypatch.setenv("WILDRYDES_REVISION", "0123abcd")
+        revision.cache_clear()
+        registry = Metrics().registry
+        labels["revision"] = "0123abcd"
+        assert registry.get_sample_value("wildrydes_build_info", labels) == 1
+    finally:
+        revision.cache_clear()
+    # The image passes the revision on from its build argument.
+    _, stages = d.dockerfile_stages(d.DOCKERFILE.read_text())
+    assert "WILDRYDES_REVISION=${REVISION}" in " ".join(stages[-1].all("ENV"))
