@@ -45,7 +45,7 @@ local: setup
 
 # The emulators only, left running until Ctrl-C, with the exports to use them by hand.
 emulators: setup
-	$(BIN)/python -m wildrydes_stream local --emulators-only $(ARGS)
+	$(BIN)/python -m wildrydes_stream.local $(ARGS)
 
 # requirements.lock and requirements-build.lock from pyproject.toml (scripts/lock.sh);
 # ARGS='--upgrade' moves every pin to the newest release allowed.
