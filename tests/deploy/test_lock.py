@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_the_lock_is_what_make_lock_resolves_from_pyproject(tmp_path: Path) -> N
         assert fresh == committed, f"{path.name} is out of date with pyproject.toml: make lock"
 
 
-def _audit(tmp_path: Path, report: dict[str, object], *args: str) -> tuple[int, str]:
+def _audit(tmp_path: Path, report: Mapping[str, object], *args: str) -> tuple[int, str]:
     """scripts/audit.py with a stand-in pip-audit that answers `report` (no advisory source
     is reachable from a test)."""
     stub = tmp_path / "pip-audit"

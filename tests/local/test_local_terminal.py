@@ -4,6 +4,7 @@ a taken metrics port, the emulators-only mode, and what `make local` installs.""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import re
@@ -97,7 +98,7 @@ def wide_stages() -> list[Stage]:
 def test_the_live_summary_never_leaves_wrapped_rows_behind() -> None:
     for width in (80, 120, 400):
         out = Terminal()
-        live = LiveSummary(wide_stages(), out=out, columns=lambda width=width: width)
+        live = LiveSummary(wide_stages(), out=out, columns=functools.partial(int, width))
         assert len(live.line()) > 120  # the one-line form wraps on 80 and 120 columns
         for _ in range(5):
             live.show()
