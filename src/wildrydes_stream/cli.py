@@ -21,6 +21,7 @@ from wildrydes_stream.config import (
     CONFIG_FILE_ENV,
     Loaded,
     Settings,
+    check_deadletter_file,
     describe,
     load,
     shown_value,
@@ -250,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     strict = args.strict or os.environ.get("WILDRYDES_STRICT", "").lower() in ("1", "true", "yes")
     try:
         loaded = load(args.config, strict=strict)
+        if args.command in ("run", "aggregate"):
+            check_deadletter_file(loaded.settings)
     except WildrydesError as exc:
         print(f"wildrydes-stream: {exc}", file=sys.stderr)
         return EXIT_USAGE

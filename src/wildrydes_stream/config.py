@@ -523,6 +523,30 @@ def _validate(settings: Settings) -> Settings:
     return settings
 
 
+def check_deadletter_file(settings: Settings) -> None:
+    """For the commands that write dead letters: the file must be writable, or creatable in
+    a writable directory (a read-only root filesystem is a bad setting, not a crash)."""
+    if not settings.deadletter_file:
+        return
+    path = os.path.abspath(settings.deadletter_file)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        reason = "it is a directory"
+    elif os.path.exists(path):
+        reason = "" if os.access(path, os.W_OK) else "the file is not writable"
+    elif not os.path.isdir(parent):
+        reason = f"the directory {parent} does not exist"
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        reason = f"the directory {parent} is not writable (a read-only filesystem?)"
+    else:
+        reason = ""
+    if reason:
+        raise ConfigError(
+            f"setting deadletter_file: cannot write {settings.deadletter_file}: {reason}; "
+            "set WILDRYDES_DEADLETTER_FILE to a writable path (on Kubernetes, on a volume)"
+        )
+
+
 # arn:PARTITION:sns:REGION:ACCOUNT:NAME (a FIFO topic's name ends in .fifo).
 _TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?")
 

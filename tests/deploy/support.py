@@ -116,13 +116,17 @@ def manifests(app: str = COPIER) -> dict[str, dict[str, Any]]:
     return by_kind
 
 
-def rule_groups() -> dict[str, Any]:
-    """The PrometheusRule's spec as a Prometheus rules file ({"groups": [...]})."""
-    return {"groups": manifests()["PrometheusRule"]["spec"]["groups"]}
+def rule_groups(*apps: str) -> dict[str, Any]:
+    """The PrometheusRules' specs (of `apps`, default both) as one Prometheus rules file
+    ({"groups": [...]})."""
+    groups: list[dict[str, Any]] = []
+    for app in apps or (COPIER, AGGREGATOR):
+        groups += manifests(app)["PrometheusRule"]["spec"]["groups"]
+    return {"groups": groups}
 
 
-def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in rule_groups()["groups"] for rule in group["rules"]]
+def alert_rules(*apps: str) -> list[dict[str, Any]]:
+    return [rule for group in rule_groups(*apps)["groups"] for rule in group["rules"]]
 
 
 def dashboard() -> dict[str, Any]:

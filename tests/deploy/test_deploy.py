@@ -9,7 +9,11 @@ the test that needs it, with the way to install it: nothing is skipped.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,16 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.aggregate.test_aggregate import aggregate_settings, ride
 from tests.deploy import support as d
 from tests.helpers import put_records, wait_for
+from wildrydes_stream import __version__
+from wildrydes_stream.admin.provision import ensure_stream
+from wildrydes_stream.aggregate.app import Aggregator
 from wildrydes_stream.cli import build_parser
 from wildrydes_stream.config import ENV_PREFIX, Settings, describe, load, load_settings
 from wildrydes_stream.copy.app import FINAL_CHECKPOINT_TIMEOUT, Service
+from wildrydes_stream.observability.metrics import Metrics, revision
 
 # Oldest Kubernetes version the manifests must still suit, and the newest the schemas know.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
@@ -122,10 +131,15 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_service() -> None:
     assert int(user) != 0
     assert pod_spec()["securityContext"]["runAsUser"] == int(user)
 
+    # The entrypoint is the CLI, `run` its default command: `aggregate`, `status`, `reset`
+    # and `redrive` are arguments, not entrypoint overrides.
     entrypoint = json.loads(final.all("ENTRYPOINT")[-1])  # exec form: a JSON array
-    assert entrypoint == ["python", "-m", "wildrydes_stream", "run"]
-    assert build_parser().parse_args(entrypoint[3:]).command == "run"
-    assert not final.all("CMD"), "arguments come from the ConfigMap, not CMD"
+    assert entrypoint == ["python", "-m", "wildrydes_stream"]
+    cmd = json.loads(final.all("CMD")[-1])
+    assert cmd == ["run"]
+    assert build_parser().parse_args(cmd).command == "run"
+    for command in ("aggregate", "status"):
+        assert build_parser().parse_args([command]).command == command
     assert final.all("STOPSIGNAL") in ([], ["SIGTERM"])
 
     exposed = {int(port.split("/")[0]) for e in final.all("EXPOSE") for port in e.split()}
@@ -133,14 +147,53 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_service() -> None:
     assert {p["containerPort"] for p in container()["ports"]} == exposed
 
     labels = " ".join(final.all("LABEL"))
-    for key in ("title", "description", "version", "revision", "licenses"):
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels, key
+    # Every ${ARG} a label reads is declared in the final stage (an ARG from before the first
+    # FROM is out of scope after it: the label would be empty).
+    declared = {arg.split("=")[0].strip() for arg in final.all("ARG")}
+    for name in re.findall(r"\$\{?(\w+)", labels):
+        assert name in declared, f"the label reads ${name}, not declared after the last FROM"
+    assert 'org.opencontainers.image.base.name="${PYTHON_IMAGE}"' in labels
+
+    # No parser directive: `# syntax=` makes BuildKit fetch a frontend image first.
+    assert not re.match(r"\s*#\s*syntax\s*=", d.DOCKERFILE.read_text(), re.IGNORECASE)
 
     # The builder installs the package: uvloop must come with it (the service runs on it).
     builder = " ".join(i for _, i in stages[0].instructions)
-    assert "pip install" in builder
+    assert "pip install" in builder or "install" in builder
     assert "import uvloop" in builder
     assert any("uvloop" in dep for dep in _project_dependencies())
+
+
+def test_image_installs_the_locked_dependencies_in_a_layer_of_their_own_without_pip() -> None:
+    _, stages = d.dockerfile_stages(d.DOCKERFILE.read_text())
+    builder = stages[0].instructions
+    # The shipped environment never gets pip or setuptools: made without pip, filled by the
+    # builder's pip through --python, and checked.
+    venvs = [args for key, args in builder if key == "RUN" and "-m venv" in args]
+    assert venvs
+    assert all("--without-pip" in args for args in venvs), venvs
+    assert "find_spec(m) for m in ('pip', 'setuptools')" in " ".join(a for _, a in builder)
+    # Dependencies: only the lock files copied, installed with --require-hashes, before the
+    # source comes in (a source change reuses the dependency layer).
+    steps = [(key, args) for key, args in builder if key in {"COPY", "RUN"}]
+    source = next(i for i, (key, args) in enumerate(steps) if key == "COPY" and "src" in args)
+    deps = next(
+        i for i, (key, args) in enumerate(steps) if key == "RUN" and "-r requirements.lock" in args
+    )
+    assert deps < source
+    (copy,) = [args for key, args in steps[:deps] if key == "COPY"]
+    assert copy.split()[:-1] == ["requirements.lock", "requirements-build.lock"]
+    for key, args in steps:
+        if key == "RUN" and " -r " in args:
+            for command in args.split("&&"):
+                if " -r " in command:
+                    assert "--require-hashes" in command, command
+    # The package itself goes in without resolving anything (everything is locked).
+    package = next(args for key, args in steps[source:] if key == "RUN" and "install" in args)
+    assert "--no-deps" in package
+    assert "--no-build-isolation" in package
 
 
 def test_dockerignore_sends_only_what_the_image_needs() -> None:
@@ -188,6 +241,7 @@ def test_kustomization_lists_every_manifest() -> None:
         "PodDisruptionBudget",
         "PodMonitor",
         "PrometheusRule",
+        "NetworkPolicy",
     }
     assert set(d.manifests(d.AGGREGATOR)) >= {
         "Deployment",
@@ -195,6 +249,7 @@ def test_kustomization_lists_every_manifest() -> None:
         "ConfigMap",
         "PodDisruptionBudget",
         "PodMonitor",
+        "NetworkPolicy",
     }
     # Every resource but the Namespace belongs to one application: named and labelled after it.
     for (kind, name), doc in d.resources().items():
@@ -354,10 +409,11 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def test_prometheus_operator_resources() -> None:
-    manifests = d.manifests()
+@pytest.mark.parametrize("app", APPS)
+def test_prometheus_operator_resources(app: str) -> None:
+    manifests = d.manifests(app)
     for (kind, name), doc in d.resources().items():
-        if kind not in CRD_SCHEMAS:
+        if kind not in CRD_SCHEMAS or name != app:
             continue
         try:
             jsonschema.Draft202012Validator(CRD_SCHEMAS[kind]).validate(doc)
@@ -368,18 +424,52 @@ def test_prometheus_operator_resources() -> None:
     monitor = manifests["PodMonitor"]["spec"]
     pod_labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {p["name"] for p in container()["ports"]}
+    port_names = {p["name"] for p in container(app)["ports"]}
     for endpoint in monitor["podMetricsEndpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint.get("path", "/metrics") == "/metrics"
-    assert pod_labels[monitor["jobLabel"]] == JOB
-    for rule in d.alert_rules():
-        if any(name.startswith("wildrydes_") for name in d.metric_names(rule["expr"])):
-            assert d.label_values(rule["expr"], "job") == {JOB}, rule["alert"]
+    assert pod_labels[monitor["jobLabel"]] == app
+    # Each application has alerts of its own, on its own job (the two export the same names:
+    # an alert without the job would mix them), and on its own Deployment.
+    rules = d.alert_rules(app)
+    assert rules, f"{app} has no alerts"
+    for rule in rules:
+        names = d.metric_names(rule["expr"])
+        if any(name.startswith("wildrydes_") for name in names) or "up" in names:
+            assert d.label_values(rule["expr"], "job") == {app}, rule["alert"]
+        assert d.label_values(rule["expr"], "deployment") <= {app}, rule["alert"]
+        assert d.label_values(rule["expr"], "container") <= {app}, rule["alert"]
     # Alerts that name the namespace name the kustomization's.
     namespace = d.kustomization()["namespace"]
-    for rule in d.alert_rules():
+    for rule in rules:
         assert d.label_values(rule["expr"], "namespace") <= {namespace}, rule["alert"]
+
+
+@dataclass(frozen=True)
+class PodSize:
+    cpu: float
+    memory: int
+
+
+def documented_pod_size() -> PodSize:
+    """The pod README's "Scale-out arithmetic" works with: `pods of 1 CPU and 256 MiB`."""
+    readme = (d.ROOT / "README.md").read_text()
+    match = re.search(r"pods of (\d+(?:\.\d+)?) CPU and (\d+) MiB", readme.replace("\n", " "))
+    assert match, "README no longer states the pod size its sizing assumes"
+    return PodSize(float(match.group(1)), int(match.group(2)) * 2**20)
+
+
+def cpu_cores(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -409,9 +499,18 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
         "restricted"
     )
 
-    # Requests and limits for CPU and memory.
+    # Requests and limits for CPU and memory, as README's sizing works them out.
     for bound in ("requests", "limits"):
         assert set(main["resources"][bound]) >= {"cpu", "memory"}, bound
+    sizing = documented_pod_size()
+    requests, limits = main["resources"]["requests"], main["resources"]["limits"]
+    assert cpu_cores(requests["cpu"]) == sizing.cpu, "the README sizes pods at this CPU"
+    # One process uses one core: more than that would be idle, less throttles the share.
+    assert cpu_cores(limits["cpu"]) == sizing.cpu
+    assert memory_bytes(requests["memory"]) == sizing.memory
+    assert memory_bytes(limits["memory"]) >= memory_bytes(requests["memory"])
+    # The request holds the byte bound of the records in memory and the process around it.
+    assert memory_bytes(requests["memory"]) >= settings.max_buffered_bytes + 90 * 2**20
 
     # Probes on the endpoints the service serves (test_live_service checks they answer).
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
@@ -444,15 +543,73 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
     }
     assert str(Path(settings.deadletter_file).parent) in mounts
 
-    # The same user as the image's, and the image's command (or, for the aggregator, the
-    # image's interpreter and module with its own subcommand, replacing the entrypoint).
+    # The same user as the image's, and the image's entrypoint (the CLI) with the app's
+    # command as args.
     assert pod_security["runAsUser"] == pod_spec()["securityContext"]["runAsUser"]
-    assert "args" not in main, "args would be appended to the entrypoint's `run`"
-    command = main.get("command", ["python", "-m", "wildrydes_stream", "run"])
-    assert command[:3] == ["python", "-m", "wildrydes_stream"]
-    assert build_parser().parse_args(command[3:]).command == COMMANDS[app]
-    if app == d.COPIER:
-        assert "command" not in main, "the copier runs the image's entrypoint"
+    assert "command" not in main, "the image's entrypoint is the CLI: the command is args"
+    assert build_parser().parse_args(main["args"]).command == COMMANDS[app]
+
+
+# Where Prometheus runs: the only namespace whose pods may reach the metrics port.
+MONITORING_NAMESPACE = "monitoring"
+NAMESPACE_NAME = "kubernetes.io/metadata.name"
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_network_policy_admits_only_prometheus_and_lets_out_only_dns_and_https(app: str) -> None:
+    """/metrics listens on 0.0.0.0: without a policy anything in the cluster reaches it, and
+    the pod may connect anywhere. In: the metrics port from the monitoring namespace. Out: DNS
+    to kube-system and HTTPS (the AWS APIs), nothing else."""
+    manifests = d.manifests(app)
+    policy = manifests["NetworkPolicy"]["spec"]
+    pods = {
+        name: d.manifests(name)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+        for name in APPS
+    }
+    assert set(policy["podSelector"]) == {"matchLabels"}
+    selected = {
+        n
+        for n, labels in pods.items()
+        if policy["podSelector"]["matchLabels"].items() <= labels.items()
+    }
+    assert selected == {app}
+    # Both directions are restricted (a policy without Egress leaves egress open).
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+
+    ports = {p["name"]: p["containerPort"] for p in container(app)["ports"]}
+    (ingress,) = policy["ingress"]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: MONITORING_NAMESPACE}}}
+    ], "only the monitoring namespace, and no podSelector/ipBlock widening it"
+    assert [(p["port"], p["protocol"]) for p in ingress["ports"]] == [("metrics", "TCP")]
+    assert set(ports) == {"metrics"}
+    # The PodMonitor scrapes exactly that port.
+    monitor = manifests["PodMonitor"]["spec"]
+    assert {e["port"] for e in monitor["podMetricsEndpoints"]} == {"metrics"}
+
+    allowed: set[tuple[int, str, str]] = set()
+    for rule in policy["egress"]:
+        assert rule.get("ports"), "an egress rule without ports allows every port"
+        peers = rule.get("to", [])
+        for port in rule["ports"]:
+            assert "endPort" not in port
+            if port["port"] == 53:
+                # DNS: only to the cluster's resolver in kube-system.
+                assert peers == [
+                    {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "kube-system"}}}
+                ]
+                allowed.add((53, port["protocol"], "kube-system"))
+            else:
+                assert port["port"] == 443, port
+                allowed.add((443, port["protocol"], "any"))
+    assert allowed == {(53, "UDP", "kube-system"), (53, "TCP", "kube-system"), (443, "TCP", "any")}
+    # Every endpoint the service talks to is HTTPS (443): the ConfigMap's queue, and no
+    # endpoint override pointing elsewhere.
+    environ = configmap_environ(app)
+    assert not any(key.startswith("AWS_ENDPOINT_URL") for key in environ)
+    assert configmap_settings(app).deadletter_queue_url.startswith("https://")
+    # The README names the namespace the policy admits.
+    assert f"`{MONITORING_NAMESPACE}`" in (d.ROOT / "README.md").read_text()
 
 
 def test_service_and_disruption_budget_select_the_pods() -> None:
@@ -837,6 +994,7 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 
 SHARD = "shardId-000000000000"
+AGG = d.AGGREGATOR
 # Each case: input series (one sample a minute), when to evaluate, the alert, and the labels
 # it fires with ([] = must not fire).
 ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] = [
@@ -962,6 +1120,110 @@ ALERT_CASES: list[tuple[list[dict[str, str]], str, str, list[dict[str, str]]]] =
         "WildrydesUnicornMagicLow",
         [],
     ),
+    # The aggregator's alerts, on its own job.
+    (
+        [_series("wildrydes_shard_behind_latest_seconds", "400x20", shard=SHARD, job=AGG)],
+        "10m",
+        "WildrydesAggregateLagHigh",
+        [{"severity": "warning", "shard": SHARD}],
+    ),
+    (
+        # The aggregator's series never fire the copier's alert (same metric names).
+        [_series("wildrydes_shard_behind_latest_seconds", "400x20", shard=SHARD, job=AGG)],
+        "10m",
+        "WildrydesStreamLagHigh",
+        [],
+    ),
+    (
+        [
+            _series("wildrydes_records_read_total", "0+600x30", shard=SHARD, job=AGG),
+            _series("wildrydes_aggregate_records_put_total", "100x30", job=AGG),
+        ],
+        "25m",
+        "WildrydesAggregateNotPutting",
+        [{"severity": "critical"}],
+    ),
+    (
+        [
+            _series("wildrydes_records_read_total", "0+600x30", shard=SHARD, job=AGG),
+            _series("wildrydes_aggregate_records_put_total", "0+10x30", job=AGG),
+        ],
+        "25m",
+        "WildrydesAggregateNotPutting",
+        [],
+    ),
+    (
+        [
+            _series("wildrydes_aggregate_watermark_delay_seconds", "700x30", shard=SHARD, job=AGG),
+            _series("wildrydes_records_read_total", "0+60x30", shard=SHARD, job=AGG),
+        ],
+        "20m",
+        "WildrydesAggregateWatermarkBehind",
+        [{"severity": "warning", "shard": SHARD}],
+    ),
+    (
+        # A quiet shard's watermark stands still: not an alert.
+        [
+            _series("wildrydes_aggregate_watermark_delay_seconds", "700x30", shard=SHARD, job=AGG),
+            _series("wildrydes_records_read_total", "100x30", shard=SHARD, job=AGG),
+        ],
+        "20m",
+        "WildrydesAggregateWatermarkBehind",
+        [],
+    ),
+    (
+        [_series("wildrydes_records_dead_lettered_total", "0 0 0 1 1 1", reason="late", job=AGG)],
+        "4m",
+        "WildrydesAggregateRecordsDeadLettered",
+        [{"severity": "warning", "reason": "late"}],
+    ),
+    (
+        [_series("wildrydes_blocked", "0 0 1x10", api="PutRecords", job=AGG)],
+        "9m",
+        "WildrydesAggregateBlocked",
+        [{"severity": "critical", "api": "PutRecords"}],
+    ),
+    (
+        [_series("wildrydes_throttles_total", "0+60x30", api="PutRecords", job=AGG)],
+        "25m",
+        "WildrydesAggregateThrottled",
+        [{"severity": "warning", "api": "PutRecords"}],
+    ),
+    (
+        [_series("wildrydes_shards_owned", "0x20", job=AGG, pod="wildrydes-aggregate-0")],
+        "15m",
+        "WildrydesAggregateNoShardsOwned",
+        [{"severity": "critical"}],
+    ),
+    (
+        [
+            _series(
+                "kube_deployment_status_replicas_ready",
+                "2 0x10",
+                namespace="wildrydes",
+                deployment=AGG,
+            )
+        ],
+        "8m",
+        "WildrydesAggregateNoReadyPods",
+        [{"severity": "critical"}],
+    ),
+    (
+        [_series("up", "1 0x10", job=AGG, pod="wildrydes-aggregate-0")],
+        "8m",
+        "WildrydesAggregateMetricsDown",
+        [{"severity": "critical"}],
+    ),
+    (
+        # The copier's pods up do not hide the aggregator's being down, nor the reverse.
+        [
+            _series("up", "1x10", job=JOB, pod="wildrydes-stream-0"),
+            _series("up", "1 0x10", job=AGG, pod="wildrydes-aggregate-0"),
+        ],
+        "8m",
+        "WildrydesStreamMetricsDown",
+        [],
+    ),
 ]
 
 
@@ -991,14 +1253,16 @@ def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
         )
     spec = tmp_path / "alerts_test.yaml"
     spec.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": tests}))
-    # Every alert is exercised at least once.
-    assert {case[2] for case in ALERT_CASES} >= {
+    # Every alert is exercised at least once (the aggregator's all of them).
+    exercised = {case[2] for case in ALERT_CASES}
+    assert exercised >= {
         "WildrydesStreamLagHigh",
         "WildrydesStreamNotWriting",
         "WildrydesStreamRecordsDeadLettered",
         "WildrydesStreamNoReadyPods",
         "WildrydesUnicornMagicLow",
     }
+    assert exercised >= {rule["alert"] for rule in d.alert_rules(d.AGGREGATOR)}
     promtool_ok(["test", "rules", str(spec)])
 
 
@@ -1094,15 +1358,34 @@ def test_live_service_metrics_pass_promtool_and_back_every_alert_and_panel(live:
     promtool_ok(["check", "metrics"], stdin=live.metrics)
 
     exposition = d.parse_exposition(live.metrics)
-    exported = exposition.names()
     assert "wildrydes_records_written_total" in exposition.samples
     assert "wildrydes_records_dead_lettered_total" in exposition.samples
     assert "wildrydes_shard_behind_latest_seconds" in exposition.samples
     # The unicorns of the records read (the magic alert's labels are checked below with it).
     assert exposition.samples.get("wildrydes_unicorn_min_magic_points") == {"unicorn"}
 
+    problems = _unbacked(_sources(JOB), exposition)
+    assert not problems, "\n".join(problems)
+
+
+def _sources(job: str) -> list[tuple[str, str]]:
+    """Alert and dashboard expressions about one job (those naming no job read only
+    kube-state-metrics' series: they belong to the deployment or container they name)."""
     sources = [(f"alert {r['alert']}", r["expr"]) for r in d.alert_rules()]
     sources += [(q.where, q.expr) for q in d.dashboard_queries(d.dashboard())]
+
+    def whose(expr: str) -> set[str]:
+        for label in ("job", "deployment", "container"):
+            if values := d.label_values(expr, label):
+                return values
+        return {JOB}
+
+    return [(w, e) for w, e in sources if whose(e) == {job}]
+
+
+def _unbacked(sources: list[tuple[str, str]], exposition: d.Exposition) -> list[str]:
+    """Metrics and labels the expressions use that the exposition does not have."""
+    exported = exposition.names()
     problems = []
     for where, expr in sources:
         names = d.metric_names(expr)
@@ -1117,4 +1400,135 @@ def test_live_service_metrics_pass_promtool_and_back_every_alert_and_panel(live:
                 continue
             for label in sorted(d.label_names(expr) - known):
                 problems.append(f"{where}: no metric it reads has the label {label!r}")
+    return problems
+
+
+@pytest.fixture
+async def live_aggregator(settings: Settings, kinesis: Any) -> Live:
+    """A real Aggregator on the emulators, fed three minutes of readings and a bad record,
+    scraped once windows were put, a dead letter written and checkpoints taken."""
+    s = aggregate_settings(settings)
+    await ensure_stream(kinesis, s.raw_stream_name, 2)
+    await ensure_stream(kinesis, s.stream_name, 1)
+    readings = [
+        r
+        for seed, name in enumerate(("Shadowfax", "Rocinante"))
+        for r in ride(name, range(180), seed)
+    ]
+    await put_records(kinesis, s.raw_stream_name, [*readings, b"not a reading"])
+    async with Aggregator(s) as aggregator:
+        registry = aggregator.metrics.registry
+
+        def value(name: str) -> float:
+            return sum(
+                sample.value
+                for family in registry.collect()
+                for sample in family.samples
+                if sample.name == name
+            )
+
+        async def everything_seen() -> bool:
+            return (
+                value("wildrydes_aggregate_records_put_total") >= 1
+                and value("wildrydes_records_dead_lettered_total") >= 1
+                and value("wildrydes_checkpoints_total") >= 1
+                and registry.get_sample_value(
+                    "wildrydes_aggregate_watermark_delay_seconds", {"shard": SHARD}
+                )
+                is not None
+            )
+
+        await wait_for(everything_seen, timeout=60)
+        assert aggregator.http is not None
+        base = f"http://127.0.0.1:{aggregator.http.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            async with http.get(f"{base}/healthz") as response:
+                healthz = response.status
+            async with http.get(f"{base}/readyz") as response:
+                readyz = response.status
+    return Live(text, healthz, readyz)
+
+
+def test_live_aggregator_metrics_pass_promtool_and_back_its_alerts_and_panels(
+    live_aggregator: Live,
+) -> None:
+    assert (live_aggregator.healthz, live_aggregator.readyz) == (200, 200)
+    promtool_ok(["check", "metrics"], stdin=live_aggregator.metrics)
+    exposition = d.parse_exposition(live_aggregator.metrics)
+    sources = _sources(d.AGGREGATOR)
+    # The aggregator has alerts and panels of its own, on its own metrics.
+    assert {w for w, _ in sources if w.startswith("alert ")} == {
+        f"alert {r['alert']}" for r in d.alert_rules(d.AGGREGATOR)
+    }
+    read = set().union(*(d.metric_names(e) for _, e in sources))
+    aggregate_metrics = {n for n in exposition.names() if n.startswith("wildrydes_aggregate_")}
+    assert aggregate_metrics - {"wildrydes_aggregate_windows_open"} <= read | {
+        n.removesuffix("_total") for n in read
+    }, "an aggregate_* metric is on no panel or alert"
+    problems = _unbacked(sources, exposition)
     assert not problems, "\n".join(problems)
+
+
+# --- a read-only root filesystem -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "aggregate"])
+@pytest.mark.parametrize("where", ["missing-directory", "a-directory"])
+def test_an_unwritable_dead_letter_file_is_a_bad_setting_exit_2(
+    tmp_path: Path, command: str, where: str
+) -> None:
+    """The pods run with a read-only root filesystem: a dead-letter path off the volume must
+    stop the pod as a bad setting (exit 2, one line naming it), as README promises."""
+    path = tmp_path / "absent" / "deadletter.jsonl" if where == "missing-directory" else tmp_path
+    result = subprocess.run(
+        [sys.executable, "-m", "wildrydes_stream", command],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("WILDRYDES_")},
+            "WILDRYDES_DEADLETTER_FILE": str(path),
+            # Never reached: the setting is refused before any AWS call.
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_REGION": "us-east-1",
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "deadletter_file" in lines[0]
+    assert "WILDRYDES_DEADLETTER_FILE" in lines[0]
+
+
+# --- wildrydes_build_info --------------------------------------------------------------------
+
+
+def test_build_info_names_the_git_revision_of_a_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install (make local, make test) reports the checkout's commit; the image
+    sets WILDRYDES_REVISION at build time (it has no .git)."""
+    head = subprocess.run(
+        ["git", "-C", str(d.ROOT), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    monkeypatch.delenv("WILDRYDES_REVISION", raising=False)
+    revision.cache_clear()
+    try:
+        registry = Metrics().registry
+        labels = {"version": __version__, "revision": head, "python": platform.python_version()}
+        assert registry.get_sample_value("wildrydes_build_info", labels) == 1
+        monkeypatch.setenv("WILDRYDES_REVISION", "0123abcd")
+        revision.cache_clear()
+        registry = Metrics().registry
+        labels["revision"] = "0123abcd"
+        assert registry.get_sample_value("wildrydes_build_info", labels) == 1
+    finally:
+        revision.cache_clear()
+    # The image passes the revision on from its build argument.
+    _, stages = d.dockerfile_stages(d.DOCKERFILE.read_text())
+    assert "WILDRYDES_REVISION=${REVISION}" in " ".join(stages[-1].all("ENV"))

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,9 @@ async def _run(
     install_signal_handlers(stop_fleet.set)
     # Two services, two registries: each exports its own metrics, as two pods would.
     aggregator = Aggregator(settings.replace(http_port=0), CollectorRegistry())
+    if settings.http_port and not port_is_free(settings.http_host, settings.http_port):
+        print(f"port {settings.http_port} is taken: run serves its metrics on a free port")
+        settings = settings.replace(http_port=0)
     copy = Service(settings, CollectorRegistry())
     async with aggregator, copy:
         assert copy.http is not None
@@ -102,6 +106,7 @@ async def _run(
         )
         fleet_task = asyncio.create_task(fleet.run(stop_fleet))
         live = _live_summary(fleet, aggregator, copy, alerts)
+        alerts.before_print = live.release
         summary = asyncio.create_task(live.run())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_fleet.wait(), options.duration)
@@ -129,6 +134,17 @@ async def _run(
         f"{settings.table_name} with the right values; {len(alerts.received)} alerts"
     )
     return 0
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (as aiohttp binds: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 async def _wait_complete(dynamodb: Any, settings: Settings, expected: Expected) -> bool:

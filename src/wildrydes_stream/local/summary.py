@@ -1,12 +1,15 @@
-"""The live summary of `local`: every stage's counts, rates and lag on one line.
+"""The live summary of `local`: every stage's counts, rates and lag.
 
-On a terminal the line is rewritten in place every interval; otherwise (a pipe, CI, a log
-file) a plain line is printed every interval, so the output stays readable as a log.
+On a terminal it is redrawn in place every interval, never wider than the terminal (read at
+each redraw, so a resize is followed): one line when it fits, else a small block of one line
+per stage (each cut to the width), so no refresh leaves wrapped rows behind. Otherwise (a pipe,
+CI, a log file) a plain line is printed every interval, so the output stays readable as a log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -34,13 +37,17 @@ class LiveSummary:
     started: float = field(default_factory=time.monotonic)
     _last: dict[str, Counts] = field(default_factory=dict)
     _last_at: float = 0.0
+    columns: Callable[[], int] = field(default=lambda: shutil.get_terminal_size().columns)
+    """The terminal's width, read at every redraw."""
+    _drawn: int = 0
+    """Rows of the block on screen now (0: start on the current row)."""
 
     @property
     def tty(self) -> bool:
         return self.out.isatty()
 
-    def line(self) -> str:
-        """`12s | produced 240 (20/s) | copy: read 238 (19.8/s) written 236 ...`"""
+    def parts(self) -> list[str]:
+        """`12s`, then one `stage: key value (rate/s) ...` per stage."""
         now = time.monotonic()
         span = now - (self._last_at or self.started)
         parts = [f"{now - self.started:4.0f}s"]
@@ -57,21 +64,55 @@ class LiveSummary:
             self._last[stage.name] = counts
             parts.append(f"{stage.name}: " + " ".join(shown))
         self._last_at = now
-        return " | ".join(parts)
+        return parts
+
+    def line(self) -> str:
+        """`12s | fleet: readings 240 (20.0/s) | run: read 238 (19.8/s) written 236 ...`"""
+        return " | ".join(self.parts())
+
+    def rows(self, parts: list[str], width: int) -> list[str]:
+        """The summary as rows of at most width - 1 characters (the last column would wrap on
+        some terminals): one row when it fits, else the time on the first stage's row and one
+        row per stage."""
+        limit = max(width - 1, 10)
+        single = " | ".join(parts)
+        if len(single) <= limit:
+            return [single]
+        rows = [f"{parts[0]} {parts[1]}", *(" " * (len(parts[0]) + 1) + p for p in parts[2:])]
+        return [row if len(row) <= limit else row[: limit - 1] + "~" for row in rows]
 
     def show(self) -> None:
-        text = self.line()
-        if self.tty:
-            self.out.write("\r\x1b[2K" + text)
-        else:
-            self.out.write(text + "\n")
+        parts = self.parts()
+        if not self.tty:
+            self.out.write(" | ".join(parts) + "\n")
+            self.out.flush()
+            return
+        rows = self.rows(parts, self.columns())
+        # Back to the first row of the block drawn last, then every row rewritten and cleared
+        # to its end; rows the last block had beyond this one are cleared too.
+        text = f"\x1b[{self._drawn - 1}F" if self._drawn > 1 else "\r"
+        text += "\n".join("\r\x1b[2K" + row for row in rows)
+        extra = self._drawn - len(rows)
+        if extra > 0:
+            text += "\n\r\x1b[2K" * extra + f"\x1b[{extra}F" + f"\x1b[{len(rows[-1])}C"
+        self._drawn = len(rows)
+        self.out.write(text)
         self.out.flush()
+
+    def release(self) -> None:
+        """Something else prints now: clear the row the cursor is on and draw the next block
+        below whatever is printed."""
+        if self.tty and self._drawn:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
+        self._drawn = 0
 
     def end(self) -> None:
         """Leave the terminal on a fresh line before anything else is printed."""
-        if self.tty:
+        if self.tty and self._drawn:
             self.out.write("\n")
             self.out.flush()
+        self._drawn = 0
 
     async def run(self) -> None:
         """Show the line every interval until cancelled."""

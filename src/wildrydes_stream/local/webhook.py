@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, Self, TextIO
 
 from aiohttp import web
@@ -15,6 +16,8 @@ class AlertReceiver:
 
     def __init__(self, out: TextIO = sys.stdout) -> None:
         self.received: list[dict[str, Any]] = []
+        self.before_print: Callable[[], None] | None = None
+        """Called before an alert is printed (the live summary gives way)."""
         self.url = ""
         self._out = out
         self._runner: web.AppRunner | None = None
@@ -40,8 +43,10 @@ class AlertReceiver:
         except ValueError:
             return web.Response(status=400, text="not JSON\n")
         self.received.append(alert)
-        # On a terminal the summary line is being rewritten: clear it first.
+        # On a terminal the summary is being redrawn: it gives way first.
         prefix = "\r\x1b[2K" if self._out.isatty() else ""
+        if self.before_print is not None:
+            self.before_print()
         self._out.write(
             f"{prefix}ALERT {alert.get('state', '?'):8} {alert.get('name')} at "
             f"{alert.get('status_time')}: min magic points {alert.get('min_magic_points')} "

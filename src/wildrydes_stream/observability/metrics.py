@@ -6,11 +6,14 @@ labels are bounded: shard ids, API names and fixed reasons, never record keys.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,6 +42,30 @@ DATA_APIS = ("GetRecords", "GetShardIterator", "BatchWriteItem")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+@functools.cache
+def revision() -> str:
+    """The git revision this code is: WILDRYDES_REVISION (the image sets it at build time),
+    else the commit of the checkout the package runs from (an editable install), else
+    `unknown`."""
+    if os.environ.get("WILDRYDES_REVISION"):
+        return os.environ["WILDRYDES_REVISION"]
+    source = Path(__file__).resolve().parent
+    if not any((parent / ".git").exists() for parent in source.parents):
+        return "unknown"  # an installed wheel: no checkout to ask
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -52,8 +79,7 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        revision = os.environ.get("WILDRYDES_REVISION", "unknown")
-        self.build_info.labels(__version__, revision, platform.python_version()).set(1)
+        self.build_info.labels(__version__, revision(), platform.python_version()).set(1)
         self.behind_latest = Gauge(
             "shard_behind_latest_seconds",
             "How far the last GetRecords response of a shard was behind the tip of the stream "
