@@ -22,11 +22,12 @@ from wildrydes_stream.aws.fanout import FanoutClient
 from wildrydes_stream.aws.h2 import STREAM_WINDOW
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.progress import ShardProgress
-from wildrydes_stream.errors import RecordError
+from wildrydes_stream.errors import MissingResourceError, RecordError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
+from wildrydes_stream.source.registration import active_consumer
 
 SHARD = "shardId-000000000000"
 CONSUMER = "arn:aws:kinesis:us-east-1:123456789012:stream/fanout-test/consumer/test:1"
@@ -300,3 +301,31 @@ async def test_full_sink_stops_the_server_through_flow_control(harness: Harness)
 async def _first_subscription(harness: Harness) -> Any:
     await wait_for(holds(lambda: bool(harness.server.subscribed)))
     return harness.server.subscribed[0]
+
+
+async def test_consumer_registered_when_missing_and_waited_for_until_active(
+    harness: Harness,
+) -> None:
+    harness.server.activate_after = 3  # CREATING for the first two descriptions
+    stream = harness.feed.stream_arn()
+    arn = await active_consumer(harness.client, stream, "wildrydes-stream", interval=0.01)
+    assert arn in harness.server.consumer_arns()
+    assert harness.server.calls == [
+        "DescribeStreamConsumer",
+        "RegisterStreamConsumer",
+        "DescribeStreamConsumer",
+        "DescribeStreamConsumer",
+        "DescribeStreamConsumer",
+    ]
+    # A second start finds it: one description, no registration.
+    harness.server.calls.clear()
+    assert await active_consumer(harness.client, stream, "wildrydes-stream") == arn
+    assert harness.server.calls == ["DescribeStreamConsumer"]
+
+
+async def test_consumer_not_active_in_time_stops_the_start(harness: Harness) -> None:
+    harness.server.activate_after = 10**6
+    with pytest.raises(MissingResourceError, match="not ACTIVE"):
+        await active_consumer(
+            harness.client, harness.feed.stream_arn(), "slow", interval=0.01, timeout=0.2
+        )
