@@ -109,7 +109,7 @@ class FeedCursor(Protocol):
         """Records after the last batch (waiting up to `wait` for some)."""
         ...
 
-    def continuation(self) -> str: ...
+    def continuation(self) -> str | None: ...
     def behind_ms(self) -> int: ...
     def children(self) -> list[dict[str, Any]] | None:
         """The children once the shard is closed and read to its end, else None."""
@@ -226,6 +226,89 @@ class MemoryCursor:
             }
             for child in shard.children
         ]
+
+
+class KinesisFeed:
+    """A Kinesis stream (kinesalite) read with GetRecords every `poll_seconds` while there is
+    nothing new, so records are pushed within that of being put."""
+
+    def __init__(self, kinesis: Any, stream: str, poll_seconds: float = 0.02) -> None:
+        self.kinesis = kinesis
+        self.stream = stream
+        self.poll_seconds = poll_seconds
+
+    def stream_arn(self) -> str:
+        return f"arn:aws:kinesis:us-east-1:000000000000:stream/{self.stream}"
+
+    async def open(self, shard_id: str, position: dict[str, Any]) -> KinesisCursor:
+        kind = position["Type"]
+        params: dict[str, Any] = {
+            "StreamName": self.stream,
+            "ShardId": shard_id,
+            "ShardIteratorType": kind,
+        }
+        if "SequenceNumber" in position:
+            params["StartingSequenceNumber"] = position["SequenceNumber"]
+        if "Timestamp" in position:
+            params["Timestamp"] = float(position["Timestamp"])
+        answer = await self.kinesis.get_shard_iterator(**params)
+        start = position.get("SequenceNumber") if kind == "AFTER_SEQUENCE_NUMBER" else None
+        return KinesisCursor(self, shard_id, answer["ShardIterator"], start)
+
+
+class KinesisCursor:
+    def __init__(self, feed: KinesisFeed, shard_id: str, iterator: str, start: str | None):
+        self.feed = feed
+        self.shard_id = shard_id
+        self.iterator: str | None = iterator
+        self.last = start
+        self._children: list[dict[str, Any]] | None = None
+
+    async def next_batch(self, most: int, wait: float) -> list[Record]:
+        deadline = time.monotonic() + wait
+        while self.iterator is not None:
+            answer = await self.feed.kinesis.get_records(ShardIterator=self.iterator, Limit=most)
+            self.iterator = answer.get("NextShardIterator")
+            records = answer.get("Records", [])
+            if records:
+                self.last = records[-1]["SequenceNumber"]
+                return [
+                    Record(
+                        int(r["SequenceNumber"]),
+                        r["Data"],
+                        r["PartitionKey"],
+                        r["ApproximateArrivalTimestamp"].timestamp(),
+                    )
+                    for r in records
+                ]
+            if self.iterator is None or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(self.feed.poll_seconds)
+        if self.iterator is None and self._children is None:
+            listed = await self.feed.kinesis.list_shards(StreamName=self.feed.stream)
+            self._children = [
+                {
+                    "ShardId": shard["ShardId"],
+                    "ParentShards": [
+                        p
+                        for p in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId"))
+                        if p
+                    ],
+                    "HashKeyRange": shard["HashKeyRange"],
+                }
+                for shard in listed["Shards"]
+                if self.shard_id in (shard.get("ParentShardId"), shard.get("AdjacentParentShardId"))
+            ]
+        return []
+
+    def continuation(self) -> str | None:
+        return self.last
+
+    def behind_ms(self) -> int:
+        return 0
+
+    def children(self) -> list[dict[str, Any]] | None:
+        return self._children if self.iterator is None else None
 
 
 @dataclass

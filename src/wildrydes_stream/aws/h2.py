@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+import typing
 from collections import deque
 from typing import Final
 from urllib.parse import urlsplit
@@ -145,8 +146,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = typing.cast(asyncio.Transport, transport)
         self.open = True
         h2 = self._h2
         h2.local_settings.update(
