@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.fanoutserver import FanoutServer, KinesisFeed
 from tests.faultproxy import FaultProxy
 from tests.helpers import SHADOWFAX, client
 from wildrydes_stream.admin.provision import ensure_stream, ensure_table
@@ -212,3 +213,33 @@ async def running() -> AsyncIterator[list[Service]]:
     yield services
     for service in services:
         await service.stop()
+
+
+class ReadMode:
+    """One of the read modes a test runs in: `apply` turns the test's settings to it (in
+    `fanout`, through a local fan-out server reading the test's kinesalite stream)."""
+
+    def __init__(self, mode: str, kinesis: Any) -> None:
+        self.mode = mode
+        self._kinesis = kinesis
+        self.servers: list[FanoutServer] = []
+
+    async def apply(self, settings: Settings, stream: str | None = None) -> Settings:
+        if self.mode == "polling":
+            return settings
+        feed = KinesisFeed(self._kinesis, stream or settings.stream_name)
+        server = await FanoutServer(feed, heartbeat_seconds=0.5).start()
+        self.servers.append(server)
+        return settings.replace(read_mode="fanout", fanout_endpoint_url=server.url)
+
+
+@pytest.fixture(params=["polling", "fanout"])
+async def read_mode(request: pytest.FixtureRequest, kinesis: Any) -> AsyncIterator[ReadMode]:
+    mode = ReadMode(request.param, kinesis)
+    try:
+        yield mode
+    finally:
+        for server in mode.servers:
+            await server.stop()
+    for server in mode.servers:  # the test did read by subscription
+        assert server.subscribed, "fanout mode, but no SubscribeToShard reached the server"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Emulators
+from tests.conftest import Emulators, ReadMode
 from tests.helpers import put_records, scan_table, unicorn_day, unicorn_records, wait_for
 from tests.process import (
     PYTHON,
@@ -114,8 +114,14 @@ def readme_metrics() -> list[tuple[str, str]]:
 
 
 async def test_sigterm_drains_checkpoints_the_last_record_releases_leases_and_exits_0(
-    resources: Settings, aws_env: dict[str, str], kinesis: Any, dynamodb: Any, spawn: Spawn
+    resources: Settings,
+    aws_env: dict[str, str],
+    kinesis: Any,
+    dynamodb: Any,
+    spawn: Spawn,
+    read_mode: ReadMode,
 ) -> None:
+    resources = await read_mode.apply(resources)
     records = unicorn_records(UNICORNS, minutes=50)
     last = last_sequence_per_shard(await put_records(kinesis, resources.stream_name, records))
     # No periodic checkpoint during the test: whatever is stored was stored by the stop.
@@ -152,8 +158,14 @@ async def test_sigterm_drains_checkpoints_the_last_record_releases_leases_and_ex
 
 
 async def test_restart_after_sigkill_resumes_from_the_checkpoint_and_loses_nothing(
-    resources: Settings, aws_env: dict[str, str], kinesis: Any, dynamodb: Any, spawn: Spawn
+    resources: Settings,
+    aws_env: dict[str, str],
+    kinesis: Any,
+    dynamodb: Any,
+    spawn: Spawn,
+    read_mode: ReadMode,
 ) -> None:
+    resources = await read_mode.apply(resources)
     day = unicorn_day()
     first = [{**r, "Name": name} for name in UNICORNS for r in day[:100]]
     second = [{**r, "Name": name} for name in UNICORNS for r in day[100:150]]

@@ -29,6 +29,7 @@ StatusTimeFormat = Literal["epoch_ms", "string"]
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EventLoop = Literal["uvloop", "asyncio"]
+ReadMode = Literal["polling", "fanout"]
 
 
 def _setting(
@@ -139,6 +140,27 @@ class Settings:
         "Wait between polls of a shard that is caught up.",
         minimum=0.0,
         maximum=300.0,
+    )
+    read_mode: ReadMode = _setting(
+        "polling",
+        "How shards are read: `polling` (GetRecords, sharing each shard's 2 MB/s with every "
+        "other polling reader) or `fanout` (enhanced fan-out: SubscribeToShard pushes records "
+        "over HTTP/2 to a registered stream consumer with its own 2 MB/s a shard; costs extra, "
+        "see README).",
+    )
+    fanout_consumer_name: str = _setting(
+        "wildrydes-stream",
+        "Stream consumer `run` reads through in `fanout` mode; registered if missing, never "
+        "deregistered by the service.",
+    )
+    aggregate_fanout_consumer_name: str = _setting(
+        "wildrydes-aggregate",
+        "Stream consumer `aggregate` reads the raw stream through in `fanout` mode.",
+    )
+    fanout_endpoint_url: str = _setting(
+        "",
+        "Endpoint of SubscribeToShard (HTTP/2); empty means the Kinesis endpoint botocore "
+        "resolves. For local servers and tests.",
     )
     lease_poll_interval_seconds: float = _setting(
         1.0,
@@ -496,6 +518,8 @@ def _validate(settings: Settings) -> Settings:
         "lease_table_name",
         "raw_stream_name",
         "aggregate_lease_table_name",
+        "fanout_consumer_name",
+        "aggregate_fanout_consumer_name",
     ):
         if not getattr(settings, name):
             raise ConfigError(f"setting {name} must not be empty")

@@ -21,6 +21,7 @@ from tests.aggregate.test_aggregate import (
     reference,
     wait_output,
 )
+from tests.conftest import ReadMode
 from tests.helpers import holds, put_records, wait_for
 from wildrydes_stream.aggregate.readings import decode_reading
 from wildrydes_stream.aggregate.windows import Emission, ShardWindows
@@ -122,12 +123,13 @@ def test_a_split_gives_each_child_exactly_its_unicorns_windows() -> None:
 
 
 async def test_a_fleet_through_a_split_and_a_merge_with_late_readings_and_duplicates(
-    settings: Settings, kinesis: Any
+    settings: Settings, kinesis: Any, read_mode: ReadMode
 ) -> None:
     from tests.aggregate.test_aggregate import aggregate_settings
     from wildrydes_stream.admin.provision import ensure_stream
 
     s = aggregate_settings(settings, idle_window_timeout_seconds=2.0, late_horizon_seconds=600.0)
+    s = await read_mode.apply(s, s.raw_stream_name)
     await ensure_stream(kinesis, s.raw_stream_name, 1)
     await ensure_stream(kinesis, s.stream_name, 1)
     raw = s.raw_stream_name

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import ReadMode
 from tests.copy.test_faults import make_records
 from tests.helpers import holds, put_records, scan_table, unicorn_day, wait_for
 from wildrydes_stream.admin.provision import ensure_stream, ensure_table
@@ -288,8 +289,9 @@ async def test_split_under_load_reads_the_parent_to_its_end_before_the_children(
     dynamodb: Any,
     monkeypatch: pytest.MonkeyPatch,
     running: list[Service],
+    read_mode: ReadMode,
 ) -> None:
-    settings = one_shard.replace(writers=4)
+    settings = await read_mode.apply(one_shard.replace(writers=4))
     stream = settings.stream_name
     listed = (await kinesis.list_shards(StreamName=stream))["Shards"]
     assert len(listed) == 1
@@ -551,8 +553,13 @@ async def test_a_checkpoint_cancelled_in_flight_does_not_lose_the_lease(
 
 
 async def test_a_merge_reads_both_parents_to_their_end_before_the_child(
-    settings: Settings, kinesis: Any, dynamodb: Any, running: list[Service]
+    settings: Settings,
+    kinesis: Any,
+    dynamodb: Any,
+    running: list[Service],
+    read_mode: ReadMode,
 ) -> None:
+    settings = await read_mode.apply(settings)
     await ensure_stream(kinesis, settings.stream_name, 2)
     await ensure_table(dynamodb, settings)
     stream = settings.stream_name

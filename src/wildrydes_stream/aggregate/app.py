@@ -326,10 +326,12 @@ class WindowAggregation:
 
 
 def consumer_settings(settings: Settings) -> Settings:
-    """The core reads the raw stream under the aggregator's own lease table."""
+    """The core reads the raw stream under the aggregator's own lease table (and, in `fanout`
+    mode, through its own stream consumer)."""
     return settings.replace(
         stream_name=settings.raw_stream_name,
         lease_table_name=settings.aggregate_lease_table_name,
+        fanout_consumer_name=settings.aggregate_fanout_consumer_name,
     )
 
 

@@ -9,13 +9,16 @@ not `AWS_REGION`, which Lambda and EKS set, so both are honoured here.
 from __future__ import annotations
 
 import os
+import ssl
 from contextlib import AsyncExitStack
 from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 
-from wildrydes_stream.aws.lean import DynamoDBData, KinesisData
+from wildrydes_stream.aws.fanout import FanoutClient
+from wildrydes_stream.aws.h2 import H2Pool
+from wildrydes_stream.aws.lean import DynamoDBData, KinesisData, _ssl_context
 from wildrydes_stream.errors import ConfigError
 
 # Data-path calls are retried by the service itself (with metrics and dead-lettering), so
@@ -67,10 +70,12 @@ class AwsClients:
         self.s3: Any = None
         self.sns: Any = None
         """Low-magic alerts (alerts/destinations.py), which retry and count failures themselves."""
+        self._session: AioSession | None = None
+        self.region = ""
 
     async def __aenter__(self) -> AwsClients:
-        session = get_session()
-        region = region_name(session)
+        session = self._session = get_session()
+        region = self.region = region_name(session)
         create = session.create_client
         enter = self._stack.enter_async_context
         self.kinesis = await enter(create("kinesis", region_name=region, config=DATA_PATH))
@@ -89,6 +94,25 @@ class AwsClients:
             self.kinesis_data = await enter(KinesisData(self.kinesis, credentials))
             self.dynamodb_data = await enter(DynamoDBData(self.dynamodb, credentials))
         return self
+
+    async def fanout(self, endpoint_url: str = "") -> FanoutClient:
+        """An HTTP/2 client for enhanced fan-out (SubscribeToShard and the consumer calls), to
+        `endpoint_url` or the Kinesis endpoint; closed with the other clients."""
+        assert self._session is not None, "AwsClients used outside `async with`"
+        url = endpoint_url or self.kinesis.meta.endpoint_url
+        tls = _ssl_context(self.kinesis) if url.startswith("https:") else None
+        client = FanoutClient(
+            url,
+            self.region,
+            await self._session.get_credentials(),
+            H2Pool(
+                url,
+                ssl_context=tls if isinstance(tls, ssl.SSLContext) else None,
+                connect_timeout=DATA_PATH.connect_timeout,
+            ),
+        )
+        self._stack.push_async_callback(client.close)
+        return client
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()

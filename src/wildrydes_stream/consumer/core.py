@@ -43,6 +43,8 @@ from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters, Destination, FileDestination, Retry
 from wildrydes_stream.sink.deadletter_s3 import S3Destination
 from wildrydes_stream.sink.deadletter_sqs import SqsDestination
+from wildrydes_stream.source.fanout import Fanout
+from wildrydes_stream.source.registration import active_consumer, stream_arn
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,7 @@ class Consumer:
                 self._destinations(clients), self.metrics, self.application.name
             )
             await self._check_stream(clients)
+            fanout = await self._fanout(clients) if s.read_mode == "fanout" else None
             await self.application.check(clients)
             await deadletters.check()
             lean = clients.dynamodb_data
@@ -201,6 +204,7 @@ class Consumer:
                 self.application.state,
                 store,
                 self.sink.drain,
+                fanout,
             )
             self.sink.start()
             await self.supervisor.sync()
@@ -246,6 +250,13 @@ class Consumer:
                     "stream_name (WILDRYDES_STREAM_NAME)"
                 ) from None
             raise
+
+    async def _fanout(self, clients: AwsClients) -> Fanout:
+        """read_mode `fanout`: the stream consumer, registered if missing and ACTIVE."""
+        s = self.settings
+        client = await clients.fanout(s.fanout_endpoint_url)
+        stream = await stream_arn(clients.kinesis, s.stream_name)
+        return Fanout(client, await active_consumer(client, stream, s.fanout_consumer_name))
 
     def _fail(self, exc: BaseException) -> None:
         """A stage died of an unexpected error: stop, and exit non-zero."""

@@ -35,6 +35,7 @@ from wildrydes_stream.observability.logs import RetryLog
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
+from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
 from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Reading:
     decode: Decode
     budget: ByteBudget
     blocked: BlockedCalls | None
+    fanout: Fanout | None = None
+    """Set in read_mode `fanout`: shards are read by subscription, not polled."""
 
 
 def start_position(lease: Lease) -> tuple[str, datetime | None, int | None]:
@@ -135,22 +138,8 @@ class OwnedShards:
         """Read the shard from its lease's checkpoint, with the application's state as of that
         checkpoint (or, for a child not yet checkpointed, its parents' last states, only the
         entries its hash range holds)."""
-        r = self._reading
         progress = ShardProgress(lease.shard_id)
-        poller = ShardPoller(
-            lease.shard_id,
-            r.kinesis,
-            r.settings,
-            progress,
-            r.dispatch,
-            r.deadletters.send,
-            r.metrics,
-            r.stopping,
-            r.decode,
-            r.budget,
-            r.blocked,
-            hash_range,
-        )
+        poller = self._reader(lease.shard_id, progress, hash_range)
         owned = OwnedShard(lease, progress, poller)
         if self._state is not None and self._store is not None:
             owned.state = TenureState(lease.shard_id, self._state, self._store)
@@ -169,6 +158,17 @@ class OwnedShards:
         self._watch(owned)
         self.history.append(("start", lease.shard_id))
         log.info("reading shard", extra={"shard": lease.shard_id, "from": position})
+
+    def _reader(
+        self, shard_id: str, progress: ShardProgress, hash_range: tuple[str, str]
+    ) -> ShardPoller | ShardSubscriber:
+        """The shard's reader in the configured read_mode (both have the same interface)."""
+        r = self._reading
+        common = (r.settings, progress, r.dispatch, r.deadletters.send, r.metrics, r.stopping)
+        rest = (r.decode, r.budget, r.blocked, hash_range)
+        if r.fanout is not None:
+            return ShardSubscriber(shard_id, r.fanout, *common, *rest)
+        return ShardPoller(shard_id, r.kinesis, *common, *rest)
 
     async def _restore(self, owned: OwnedShard) -> None:
         """Load the tenure's state, retrying (with backoff) whatever fails for as long as the

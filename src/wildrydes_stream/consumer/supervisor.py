@@ -35,6 +35,7 @@ from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.sink.deadletter import DeadLetters
+from wildrydes_stream.source.fanout import Fanout
 from wildrydes_stream.source.poller import Decode, Dispatch
 from wildrydes_stream.source.shards import Shard, starting_position
 
@@ -60,6 +61,7 @@ class ShardSupervisor:
         state: ShardState | None = None,
         store: StateStore | None = None,
         settle: Callable[[], Awaitable[None]] | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self._leases = leases
         self._settings = settings
@@ -84,6 +86,7 @@ class ShardSupervisor:
             decode,
             budget or ByteBudget(settings.max_buffered_bytes),
             blocked,
+            fanout,
         )
         self.shards = OwnedShards(reading, leases, on_failure, self._wake, state, store, settle)
 

@@ -21,6 +21,7 @@ from wildrydes_stream.consumer.lease import Lease
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.consumer.state import Changes, ShardState, StateKey, held_by
 from wildrydes_stream.consumer.statestore import StateRef, StateStore
+from wildrydes_stream.source.fanout import ShardSubscriber
 from wildrydes_stream.source.poller import ShardPoller
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class TenureState:
 class OwnedShard:
     lease: Lease
     progress: ShardProgress
-    poller: ShardPoller
+    poller: ShardPoller | ShardSubscriber
+    """The shard's reader: polling or, in read_mode `fanout`, subscription."""
     state: TenureState | None = None
     inheritance: Inheritance = field(default_factory=lambda: Inheritance(None))
     task: asyncio.Task[None] | None = None

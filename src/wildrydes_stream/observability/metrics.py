@@ -82,8 +82,8 @@ class Metrics:
         self.build_info.labels(__version__, revision(), platform.python_version()).set(1)
         self.behind_latest = Gauge(
             "shard_behind_latest_seconds",
-            "How far the last GetRecords response of a shard was behind the tip of the stream "
-            "(Kinesis MillisBehindLatest).",
+            "How far the last GetRecords response (or SubscribeToShard event) of a shard was "
+            "behind the tip of the stream (Kinesis MillisBehindLatest).",
             ["shard"],
             namespace=NAMESPACE,
             registry=r,
@@ -161,6 +161,17 @@ class Metrics:
             self.blocked.labels(api).set(0)
             for cause in ("permission", "credentials", "missing", "other"):
                 self.blocked_errors.labels(api, cause)
+        self.subscriptions = Counter(
+            "fanout_subscriptions_total",
+            "SubscribeToShard subscriptions opened (read_mode fanout), by why: `start` (a shard "
+            "taken), `renewal` (the last one ran its course, about 5 minutes), `retry` (it "
+            "failed: reset, stalled, refused).",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        for reason in ("start", "renewal", "retry"):
+            self.subscriptions.labels(reason)
         self.throttles = Counter(
             "throttles_total",
             "Calls AWS answered with a throttling error.",

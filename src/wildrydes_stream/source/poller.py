@@ -2,9 +2,8 @@
 
 At most one call per `min_poll_interval_seconds` (Kinesis allows five a second per shard); polls
 again at once while behind, otherwise waits the idle interval. An expired iterator is renewed
-after the last record read; throttling and transient errors back off with jitter. Each record is
-registered with the shard's progress in order, decoded, and handed to the writers (waiting when
-their queues are full); records that cannot be decoded go to the dead-letter destination.
+after the last record read; throttling and transient errors back off with jitter. Each page is
+handled as pages.py says (registered in order, decoded, dispatched, bad records dead-lettered).
 """
 
 from __future__ import annotations
@@ -12,62 +11,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from botocore.exceptions import ClientError
 
-from wildrydes_stream.aws.retry import (
-    BLOCKING_FAULTS,
-    backoff_delay,
-    describe_error,
-    error_code,
-    fault_of,
-)
+from wildrydes_stream.aws.retry import error_code
 from wildrydes_stream.config import Settings
-from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
-from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
-from wildrydes_stream.source.unpack import UserRecords, unpack
+from wildrydes_stream.runtime.waiting import wait_any
+from wildrydes_stream.source.pages import (
+    FIRST_RECORD_SIZE_GUESS,
+    Decode,
+    Dispatch,
+    Progress,
+    SendDeadLetters,
+    ShardReader,
+)
+
+__all__ = [
+    "FIRST_RECORD_SIZE_GUESS",
+    "Decode",
+    "Dispatch",
+    "Progress",
+    "SendDeadLetters",
+    "ShardPoller",
+]
 
 log = logging.getLogger(__name__)
-
-# Bytes a record is assumed to hold until a shard's first page says otherwise: generous, so a
-# first page of large records cannot overshoot the byte bound by much.
-FIRST_RECORD_SIZE_GUESS = 64 * 1024
 # The Limit of a poll after one that found the shard caught up: at least this, twice what that
 # poll read. A page's bytes are reserved in the byte bound before the call, so 256 idle shards
 # asking for the full 10,000 records each would hold the bound between them and queue behind
 # each other for nothing; a shard that is behind again asks for the full page at once.
 CAUGHT_UP_LIMIT = 200
 
-Decode = Callable[[bytes], tuple[ItemKey, Any]]
-"""A record's data -> its routing key and payload; RecordError when the record is bad."""
-Dispatch = Callable[[list[Envelope]], Awaitable[None]]
-"""Hands a page's decoded records to the sink (its `put_many`), which takes over their bytes
-in the byte bound from the call on; waits while the sink is full."""
 
-
-SendDeadLetters = Callable[[list[DeadLetter]], Awaitable[None]]
-"""Returns once the dead-letter destinations hold the entries."""
-
-
-class Progress(Protocol):
-    """What the poller tells the shard's checkpoint tracker."""
-
-    @property
-    def fenced(self) -> bool: ...
-    def register(self, sequence: int) -> None: ...
-    def register_many(self, sequences: list[int]) -> None: ...
-    def finish(self, sequence: int) -> None: ...
-    def end(self) -> None: ...
-
-
-class ShardPoller:
+class ShardPoller(ShardReader):
     def __init__(
         self,
         shard_id: str,
@@ -83,34 +64,22 @@ class ShardPoller:
         blocked: BlockedCalls | None = None,
         hash_range: tuple[str, str] = ("", ""),
     ) -> None:
-        self.shard_id = shard_id
-        self._hash_range = (
-            (int(hash_range[0]), int(hash_range[1])) if hash_range[0] and hash_range[1] else None
+        super().__init__(
+            shard_id,
+            settings,
+            progress,
+            dispatch,
+            send_dead_letters,
+            metrics,
+            stopping,
+            decode,
+            budget,
+            blocked,
+            hash_range,
         )
-        """The shard's hash key range, to count KPL sub-records packed for another shard."""
-        self._skip_through: int | None = None
-        """Position of the checkpoint read from: user records at or before it are done."""
-        self._decode = decode
-        self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
         self._client = client
-        self._settings = settings
-        self._progress = progress
-        self._dispatch = dispatch
-        self._send_dead_letters = send_dead_letters
-        self._metrics = metrics
-        self._stopping = stopping
-        self._budget = budget or ByteBudget(settings.max_buffered_bytes)
-        self._record_size = float(FIRST_RECORD_SIZE_GUESS)
-        """Average bytes a record of this shard, from the pages read (for the byte bound)."""
-        self._last_read: str | None = None
-        self._since: datetime | None = None
-        self._halted = asyncio.Event()
         self._page_cap: int | None = None
         """The Limit of the next poll when the last one found the shard caught up."""
-        self._sleeper: asyncio.Future[None] | None = None
-        """The pause in progress, which `halt` ends early."""
-        self.caught_up = asyncio.Event()
-        """Set once a poll found nothing new and the shard is not behind (for burst runs)."""
 
     async def run(
         self, checkpoint: str, since: datetime | None = None, skip_through: int | None = None
@@ -185,37 +154,6 @@ class ShardPoller:
             self._progress.end()
             self.caught_up.set()
 
-    def _quitting(self) -> bool:
-        return self._stopping.is_set() or self._halted.is_set()
-
-    def halt(self) -> None:
-        """Read no more (the lease is being handed over, or the service stops): the page
-        being dispatched is finished, then the loop ends without ending the shard."""
-        self._halted.set()
-        sleeper = self._sleeper
-        if sleeper is not None and not sleeper.done():
-            sleeper.set_result(None)
-
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep between polls, cut short by `halt`; True when the loop is to end.
-
-        A bare timer future, not a wait on the stopping and halted events: an idle shard
-        pauses once a second, and waiting on two events with a timeout (three tasks, their
-        cancellation) cost ten times the timer. A stop halts every poller (the supervisor's
-        `halt_all`), so the stopping event need not be awaited here."""
-        if self._quitting():
-            return True
-        if seconds > 0:
-            loop = asyncio.get_running_loop()
-            self._sleeper = sleeper = loop.create_future()
-            timer = loop.call_later(seconds, _wake, sleeper)
-            try:
-                await sleeper
-            finally:
-                timer.cancel()
-                self._sleeper = None
-        return self._quitting()
-
     async def _room_for_a_page(self) -> int:
         """The Limit of the next GetRecords: as many records as fit in the byte bound, after
         waiting while nothing does; 0 when stopping."""
@@ -227,83 +165,6 @@ class ShardPoller:
         if self._page_cap is not None:
             most = min(most, self._page_cap)
         return budget.limit_for(self._record_size, most)
-
-    def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> int:
-        """Swap the page's reservation for its real size (returned), and learn the shard's
-        record size."""
-        size = sum(len(record["Data"]) for record in records)
-        self._budget.give_back(reserved)
-        self._budget.take(size)
-        if records:
-            # Weighted towards the latest page, with 1 KiB as the least (small records).
-            self._record_size = max(1024.0, 0.5 * self._record_size + 0.5 * size / len(records))
-        return size
-
-    async def _handle(self, records: list[dict[str, Any]], size: int) -> None:
-        """Register, decode and dispatch a page in order. The bytes of the records handed to
-        the sink are the sink's to give back; the rest (bad records, KPL framing, skipped
-        records, or the whole page when cancelled before the hand-over) are given back here."""
-        kept = size
-        try:
-            users = unpack(records, self._hash_range, self._skip_through)
-            envelopes, bad = self._decode_page(records, users)
-            # The sink owns the good records' bytes from the call on, whatever happens in it.
-            kept = size - sum(len(envelope.data) for envelope in envelopes)
-            if envelopes:
-                await self._dispatch(envelopes)
-        finally:
-            self._budget.give_back(kept)
-        self._skip_through = None
-        self._last_read = records[-1]["SequenceNumber"]
-        self._metrics.records_read.labels(self.shard_id).inc(len(users.positions))
-        if users.aggregates:
-            self._metrics.kpl_aggregates.inc(users.aggregates)
-        if users.outside_shard:
-            self._metrics.kpl_outside_shard.inc(users.outside_shard)
-        if bad:
-            await self._send_dead_letters(bad)
-            for letter in bad:
-                self._progress.finish(letter.sequence)
-
-    def _decode_page(
-        self, records: list[dict[str, Any]], users: UserRecords
-    ) -> tuple[list[Envelope], list[DeadLetter]]:
-        """The page's user records registered with the shard's progress (all of them, in
-        order, before any can finish), decoded into envelopes and dead letters."""
-        settings, progress, shard_id, decode = (
-            self._settings,
-            self._progress,
-            self.shard_id,
-            self._decode,
-        )
-        progress.register_many(users.positions)
-        arrivals = [_arrival(record) for record in records]
-        refused = users.refused
-        envelopes: list[Envelope] = []
-        bad: list[DeadLetter] = []
-        for index, (data, at, source) in enumerate(
-            zip(users.data, users.positions, users.source, strict=True)
-        ):
-            arrival = arrivals[source]
-            try:
-                if refused and index in refused:
-                    raise RecordError(refused[index])
-                key, item = decode(data)
-            except RecordError as exc:
-                bad.append(
-                    DeadLetter(
-                        data,
-                        str(exc),
-                        "invalid_record",
-                        settings.stream_name,
-                        shard_id,
-                        at,
-                        arrival,
-                    )
-                )
-                continue
-            envelopes.append(Envelope(shard_id, at, key, item, arrival, data, progress))
-        return envelopes, bad
 
     def _again(self, checkpoint: str) -> str:
         """Where to ask for an iterator again when nothing has been read yet."""
@@ -348,45 +209,6 @@ class ShardPoller:
             self._blocked.succeeded("GetShardIterator")
             return response.get("ShardIterator")  # type: ignore[no-any-return]
 
-    async def _back_off(self, api: str, exc: BaseException, attempt: int) -> int:
-        fault = fault_of(exc)
-        if fault == "throttle":
-            self._metrics.throttles.labels(api).inc()
-        else:
-            self._metrics.errors.labels(api).inc()
-        if fault in BLOCKING_FAULTS:
-            self._blocked.failed(
-                api,
-                fault,
-                f"{describe_error(exc)} -> check kinesis:{api} on stream "
-                f"{self._settings.stream_name} (stream_name, the role's policy)",
-            )
-        else:
-            log.debug("retrying %s", api, extra={"shard": self.shard_id, "error": str(exc)})
-        s = self._settings
-        await wait_or_timeout(
-            self._stopping, backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds)
-        )
-        return attempt + 1
-
 
 class _Stopped(Exception):
     """Stopping while waiting to retry: leave without reading, and without ending the shard."""
-
-
-def _wake(sleeper: asyncio.Future[None]) -> None:
-    if not sleeper.done():
-        sleeper.set_result(None)
-
-
-def _arrival(record: dict[str, Any]) -> float:
-    arrival = record.get("ApproximateArrivalTimestamp")
-    return arrival if type(arrival) is float else _epoch(arrival)
-
-
-def _epoch(value: datetime | float | None) -> float:
-    if value is None:
-        return time.time()
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float(value)
