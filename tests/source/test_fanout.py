@@ -25,6 +25,7 @@ from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.errors import MissingResourceError, RecordError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
+from wildrydes_stream.records.position import position, sequence_of
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
 from wildrydes_stream.source.registration import active_consumer
@@ -58,7 +59,7 @@ class Harness:
     async def dispatch(self, envelopes: list[Envelope]) -> None:
         await self.sink_open.wait()
         for envelope in envelopes:
-            self.read.append(envelope.sequence)
+            self.read.append(sequence_of(envelope.sequence))
             self.budget.give_back(len(envelope.data))
             envelope.tenure.finish(envelope.sequence)
 
@@ -116,7 +117,7 @@ async def test_reads_every_record_in_order_and_finishes_the_prefix(harness: Harn
     subscriber = harness.subscriber(progress)
     await run_until(subscriber, "TRIM_HORIZON", lambda: len(harness.read) == 300)
     assert harness.read == put
-    assert progress.checkpoint == put[-1]
+    assert progress.checkpoint == position(put[-1])
     assert subscriber.caught_up.is_set()
     assert harness.server.subscribed[0].position == {"Type": "TRIM_HORIZON"}
     assert harness.subscriptions("start") == 1
@@ -159,8 +160,8 @@ async def test_bad_records_are_dead_lettered_and_finished(harness: Harness) -> N
     progress = ShardProgress(SHARD)
     await run_until(harness.subscriber(progress), "TRIM_HORIZON", lambda: harness.letters)
     assert harness.read == good
-    assert [letter.sequence for letter in harness.letters] == [bad]
-    assert progress.checkpoint == bad
+    assert [sequence_of(letter.sequence) for letter in harness.letters] == [bad]
+    assert progress.checkpoint == position(bad)
 
 
 async def test_child_shards_end_the_shard(harness: Harness) -> None:
@@ -234,7 +235,7 @@ async def test_a_failed_subscription_is_retried_from_the_last_continuation(
     subscriber.halt()
     await asyncio.wait_for(task, 10)
     assert harness.read == put + more  # nothing skipped, nothing twice
-    assert progress.checkpoint == more[-1]
+    assert progress.checkpoint == position(more[-1])
     assert harness.subscriptions("retry") >= 1
     retried = harness.server.subscribed[-1].position
     if fault.refuse:
