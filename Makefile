@@ -83,7 +83,9 @@ image:
 bench: setup $(TEST_STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
-# A 90 s DynamoDB outage under load, on the emulators (README "When AWS fails").
+# A 90 s DynamoDB outage under load, on the emulators (README "When AWS fails"); with
+# ARGS='--app aggregate', a 240 s PutRecords outage under the aggregator: peak RSS, the byte
+# budget, paused pollers, every window put after (README "The aggregation stage").
 outage: setup $(TEST_STAMP)
 	$(BIN)/python -m bench.outage $(ARGS)
 

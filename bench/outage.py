@@ -2,6 +2,8 @@
 
     python -m bench.outage                       # 200 records/s, 4 shards, a 90 s outage
     python -m bench.outage --outage 20 --rate 100
+    python -m bench.outage --app aggregate       # PutRecords failing under `aggregate` (see
+                                                 # bench/outage_aggregate.py)
 
 kinesalite and dynalite on loopback, the fault proxy of the tests in front of dynalite, and
 the service as a child process with its default settings. A producer puts `--rate` records a
@@ -27,6 +29,7 @@ from tests.process import ServiceProcess
 from tests.replicas_support import record
 from tests.test_process import metric_total
 
+from bench import outage_aggregate
 from bench.emulated import emulated
 from wildrydes_stream.config import Settings
 
@@ -154,17 +157,34 @@ class Drill:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__)
-    parser.add_argument("--rate", type=float, default=200.0, help="records a second")
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the outage")
-    parser.add_argument("--outage", type=float, default=90.0, help="seconds of 503s")
-    parser.add_argument("--after", type=float, default=15.0, help="load after the outage")
     parser.add_argument(
+        "--app",
+        choices=("run", "aggregate"),
+        default="run",
+        help="run: DynamoDB fails under `run`; aggregate: PutRecords fails under `aggregate`",
+    )
+    parser.add_argument("--shards", type=int, default=None, help="4 for run, 2 for aggregate")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the outage")
+    parser.add_argument(
+        "--outage", type=float, default=None, help="seconds of failures (run 90, aggregate 240)"
+    )
+    parser.add_argument("--after", type=float, default=15.0, help="load after the outage")
+    group = parser.add_argument_group("--app run")
+    group.add_argument("--rate", type=float, default=200.0, help="records a second")
+    group.add_argument(
         "--every-call",
         action="store_true",
         help="fail every DynamoDB call (the lease table too), not only BatchWriteItem",
     )
-    return asyncio.run(Drill(parser.parse_args()).run())
+    outage_aggregate.add_arguments(parser)
+    args = parser.parse_args()
+    aggregate = args.app == "aggregate"
+    if args.shards is None:
+        args.shards = 2 if aggregate else 4
+    if args.outage is None:
+        args.outage = 240.0 if aggregate else 90.0
+    drill = outage_aggregate.AggregateDrill(args) if aggregate else Drill(args)
+    return asyncio.run(drill.run())
 
 
 if __name__ == "__main__":

@@ -54,13 +54,22 @@ class Aggregation:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._put_idle: list[StreamWriter] = []
         self.metrics: AggregateMetrics | None = None
+        self._budget: ByteBudget | None = None
 
-    def attach(self, metrics: AggregateMetrics, writer: StreamWriter) -> None:
-        """Where idle windows go and what is counted (known once the core builds the sink)."""
+    def attach(self, metrics: AggregateMetrics, writer: StreamWriter, budget: ByteBudget) -> None:
+        """Where idle windows go, what is counted and the byte budget windows not yet put are
+        charged to (known once the core builds the sink)."""
         self.metrics = metrics
         self._put_idle = [writer]
+        self._budget = budget
         metrics.windows_open.set_function(lambda: sum(len(s.open) for s in self.shards.values()))
+        metrics.window_bytes.set_function(self.held_bytes)
+        metrics.buffered_bytes.set_function(lambda: budget.used)
         metrics.watch_watermarks(self._watermarks)
+
+    def held_bytes(self) -> int:
+        """Bytes the windows not yet put hold in the byte budget."""
+        return sum(windows.held for windows in list(self.shards.values()))
 
     def _watermarks(self) -> list[tuple[str, float]]:
         return [
@@ -83,7 +92,9 @@ class Aggregation:
 
     def restore(self, shard_id: str, parts: Sequence[Mapping[StateKey, Any]]) -> None:
         self.forget(shard_id)
-        windows = ShardWindows(shard_id, self._window_ms, self._lateness_ms, self._horizon_ms)
+        windows = ShardWindows(
+            shard_id, self._window_ms, self._lateness_ms, self._horizon_ms, self._budget
+        )
         self.shards[shard_id] = windows
         due = windows.restore(parts)
         # Windows whose put was not acknowledged before: due ones go out now, the others when
@@ -96,7 +107,9 @@ class Aggregation:
                 writer.submit_nowait([self.record(e) for e in due])
 
     def forget(self, shard_id: str) -> None:
-        self.shards.pop(shard_id, None)
+        windows = self.shards.pop(shard_id, None)
+        if windows is not None:
+            windows.release_all()
         for key in [k for k in self._timers if k[0] == shard_id]:
             self._timers.pop(key).cancel()
             self._last_seen.pop(key, None)
@@ -236,7 +249,8 @@ class WindowSink:
         refused ones of the page in one batch). Due windows go to the writer, which waits
         while `queue_size` window records are queued: a slow or failing output stream holds
         the pollers back, never grows memory."""
-        # Windows keep aggregates, not readings: the records' bytes leave the byte bound now.
+        # Windows keep aggregates, not readings: the records' bytes leave the byte bound now,
+        # and the windows are charged to it until put (memory.py).
         self._budget.give_back(sum(len(envelope.data) for envelope in envelopes))
         refused: list[Envelope] = []
         emissions: list[Emission] = []
@@ -319,7 +333,7 @@ class WindowAggregation:
         )
         wiring.metrics.queue_capacity.set(s.queue_size)
         wiring.metrics.queue_depth.set_function(self.writer.depth)
-        self.aggregation.attach(metrics, self.writer)
+        self.aggregation.attach(metrics, self.writer, wiring.budget)
         return WindowSink(
             self.aggregation, self.writer, wiring.deadletters, wiring.budget, s.stream_name
         )

@@ -24,6 +24,20 @@ class AggregateMetrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.window_bytes = Gauge(
+            "aggregate_window_bytes",
+            "Bytes of windows not yet put (open, or waiting for PutRecords, with their queued "
+            "records), counted against max_buffered_bytes.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.buffered_bytes = Gauge(
+            "aggregate_buffered_bytes",
+            "Bytes counted against max_buffered_bytes: record pages being read and windows not "
+            "yet put. Pollers read no more while it is at the bound.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.windows_emitted = Counter(
             "aggregate_windows_emitted_total",
             "Window aggregates handed to the output stream writer (re-emissions included).",

@@ -23,6 +23,10 @@ window whose put is not acknowledged yet is stored as `unput`, and put again aft
 
 Windows more than the late horizon behind their unicorn's watermark are forgotten (a later
 reading for them would be refused anyway).
+
+**Charged while unput.** Given the service's byte budget, a window is counted in it from its
+first reading not in an acknowledged put until that put (memory.py): the pollers pause when
+windows waiting for PutRecords fill it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from typing import Any
 
+from wildrydes_stream.aggregate.memory import RECORD_BYTES, window_bytes
 from wildrydes_stream.aggregate.readings import Reading
 from wildrydes_stream.consumer.state import Changes, Entries, StateKey
+from wildrydes_stream.runtime.budget import ByteBudget
 
 # Exact for any realistic number of readings: their digits are bounded in readings.py.
 _EXACT = Context(prec=200)
@@ -103,6 +109,10 @@ class Window:
     """Put at least once (a later put is a re-emission)."""
     arrival: float = 0.0
     """Kinesis arrival of the oldest reading not yet in a put (for the record age cap)."""
+    held: int = 0
+    """Bytes counted in the byte budget for it (and its queued records) until it is put."""
+    queued: bool = False
+    """A record of it is queued since it was last put: a further one is charged too."""
 
     @property
     def unput(self) -> bool:
@@ -144,8 +154,18 @@ class Added:
 
 
 class ShardWindows:
-    def __init__(self, shard_id: str, window_ms: int, lateness_ms: int, horizon_ms: int) -> None:
+    def __init__(
+        self,
+        shard_id: str,
+        window_ms: int,
+        lateness_ms: int,
+        horizon_ms: int,
+        budget: ByteBudget | None = None,
+    ) -> None:
         self.shard_id = shard_id
+        self._budget = budget
+        self.held = 0
+        """Bytes its unput windows hold in the budget."""
         self._window_ms = window_ms
         self._lateness_ms = lateness_ms
         self._horizon_ms = horizon_ms
@@ -188,6 +208,9 @@ class ShardWindows:
         window.seen.append(offset)
         if not window.unput:
             window.arrival = arrival  # the oldest reading not in a put yet
+            self._hold(window, window_bytes(name, window.seen))
+        else:
+            self._hold(window, window.seen.itemsize)
         window.version += 1
         self._dirty_windows.add((name, start))
         watermark = unicorn.latest_ms - self._lateness_ms
@@ -232,6 +255,9 @@ class ShardWindows:
 
     def _emit(self, window: Window) -> Emission:
         self.open.pop((window.name, window.start_ms), None)
+        if window.queued:
+            self._hold(window, RECORD_BYTES)
+        window.queued = True
         emission = Emission(
             self.shard_id,
             window.name,
@@ -252,6 +278,30 @@ class ShardWindows:
             return
         window.put_version = version
         self._dirty_windows.add((name, start_ms))
+        if not window.unput:
+            self._release(window)
+
+    # --- the byte budget ----------------------------------------------------------------
+
+    def _hold(self, window: Window, size: int) -> None:
+        if self._budget is not None:
+            window.held += size
+            self.held += size
+            self._budget.take(size)
+
+    def _release(self, window: Window) -> None:
+        budget = self._budget
+        if budget is not None and window.held:
+            self.held -= window.held
+            budget.give_back(window.held)
+            window.held = 0
+        window.queued = False
+
+    def release_all(self) -> None:
+        """The shard is no longer held here: its windows leave the budget (and memory)."""
+        for unicorn in self.unicorns.values():
+            for window in unicorn.windows.values():
+                self._release(window)
 
     # --- state --------------------------------------------------------------------------
 
@@ -295,6 +345,8 @@ class ShardWindows:
             for (name, part), value in entries.items():
                 if part.startswith(WINDOW):
                     self._restore_window(name, int(part.removeprefix(WINDOW)), value)
+        for window in self.open.values():
+            self._hold(window, window_bytes(window.name, window.seen))
         emissions: list[Emission] = []
         for (name, start), window in list(self.open.items()):
             watermark = self.unicorns[name].latest_ms - self._lateness_ms
