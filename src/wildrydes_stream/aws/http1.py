@@ -335,9 +335,9 @@ class _Connection(asyncio.Protocol):
             closed = aiohttp.ServerDisconnectedError()
             waiter.set_exception(_StaleConnection(closed) if self.used else closed)
             return waiter
-        transport.write(head)
-        if body:
-            transport.write(body)
+        # One write, so one send(2): two would cost a second system call per request, the
+        # largest part of an idle poll's CPU with hundreds of shards.
+        transport.write(head + body if body else head)
         return waiter
 
     async def drain(self) -> None:

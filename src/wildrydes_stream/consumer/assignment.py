@@ -146,8 +146,11 @@ class Assignment:
         the spread is fair. Only of a worker seen renewing: a dead one would never answer,
         and its leases become free once they expire anyway."""
         # What we took earlier in this round is ours, whatever the scan said.
+        me = self.me
         current = [
-            dataclasses.replace(lease, owner=self.me) if lease.shard_id in held else lease
+            dataclasses.replace(lease, owner=me)
+            if lease.owner != me and lease.shard_id in held
+            else lease
             for lease in claimed
         ]
         # Leases already in a hand-off are spoken for.

@@ -206,7 +206,7 @@ class ShardSubscriber(ShardReader):
         if continuation:
             self._continuation = continuation
         behind = int(event.get("MillisBehindLatest") or 0)
-        self._metrics.behind_latest.labels(self.shard_id).set(behind / 1000)
+        self._behind_latest.set(behind / 1000)
         if event.get("ChildShards"):
             return True
         if behind == 0:

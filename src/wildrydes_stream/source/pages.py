@@ -34,6 +34,10 @@ from wildrydes_stream.source.unpack import UserRecords, unpack
 
 log = logging.getLogger(__name__)
 
+COALESCE_SECONDS = 0.05
+"""The grid idle pauses end on: within half of it of what was asked, and shards polling at the
+same interval wake together."""
+
 # Bytes a record is assumed to hold until a shard's first page says otherwise: generous, so a
 # first page of large records cannot overshoot the byte bound by much.
 FIRST_RECORD_SIZE_GUESS = 64 * 1024
@@ -91,6 +95,11 @@ class ShardReader:
         self._dispatch = dispatch
         self._send_dead_letters = send_dead_letters
         self._metrics = metrics
+        # This shard's series, looked up once: a label lookup per poll is a lock and a dict
+        # walk, and idle shards poll every second. A tenure's series are removed when it ends
+        # (its reader is done by then); the next tenure looks them up anew.
+        self._behind_latest = metrics.behind_latest.labels(shard_id)
+        self._records_read = metrics.records_read.labels(shard_id)
         self._stopping = stopping
         self._budget = budget or ByteBudget(settings.max_buffered_bytes)
         self._record_size = float(FIRST_RECORD_SIZE_GUESS)
@@ -115,19 +124,29 @@ class ShardReader:
         if sleeper is not None and not sleeper.done():
             sleeper.set_result(None)
 
-    async def _pause(self, seconds: float) -> bool:
+    async def _pause(self, seconds: float, *, coalesce: bool = False) -> bool:
         """Sleep between calls, cut short by `halt`; True when the loop is to end.
 
         A bare timer future, not a wait on the stopping and halted events: an idle shard
         pauses once a second, and waiting on two events with a timeout (three tasks, their
         cancellation) cost ten times the timer. A stop halts every poller (the supervisor's
-        `halt_all`), so the stopping event need not be awaited here."""
+        `halt_all`), so the stopping event need not be awaited here.
+
+        `coalesce` (the idle pause): the wake-up is rounded to the nearest multiple of
+        COALESCE_SECONDS (so on average the pause is what was asked), and idle shards wake in
+        the same turn of the loop, send their calls together and mostly get their answers in
+        one poll of the sockets, instead of each costing the loop a turn and a system call of
+        its own. The poller's minimum interval between calls still holds: it is waited for
+        before every call."""
         if self._quitting():
             return True
         if seconds > 0:
             loop = asyncio.get_running_loop()
             self._sleeper = sleeper = loop.create_future()
-            timer = loop.call_later(seconds, _wake, sleeper)
+            when = loop.time() + seconds
+            if coalesce:
+                when = round(when / COALESCE_SECONDS) * COALESCE_SECONDS
+            timer = loop.call_at(when, _wake, sleeper)
             try:
                 await sleeper
             finally:
@@ -162,7 +181,7 @@ class ShardReader:
             self._budget.give_back(kept)
         self._skip_through = None
         self._last_read = records[-1]["SequenceNumber"]
-        self._metrics.records_read.labels(self.shard_id).inc(len(users.positions))
+        self._records_read.inc(len(users.positions))
         if users.aggregates:
             self._metrics.kpl_aggregates.inc(users.aggregates)
         if users.outside_shard:

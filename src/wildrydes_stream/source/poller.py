@@ -136,7 +136,7 @@ class ShardPoller(ShardReader):
             if records:
                 await self._handle(records, size)
             behind = int(response.get("MillisBehindLatest", 0))
-            self._metrics.behind_latest.labels(self.shard_id).set(behind / 1000)
+            self._behind_latest.set(behind / 1000)
             iterator = response.get("NextShardIterator")
             if iterator is None:
                 break
@@ -147,7 +147,7 @@ class ShardPoller(ShardReader):
             if not records:
                 self.caught_up.set()
             idle = self._settings.idle_poll_interval_seconds
-            if await self._pause(idle):
+            if await self._pause(idle, coalesce=True):
                 break
         if iterator is None:
             log.info("shard read to its end", extra={"shard": self.shard_id})
