@@ -77,6 +77,11 @@ class Checkpointer:
         async with owned.checkpointing:
             if owned.progress.fenced:
                 raise LeaseLostError(owned.shard_id)  # what it finished is not ours to store
+            if owned.lease.at_shard_end:
+                # SHARD_END was written while this one waited: nothing may move, and nothing
+                # be prepared or pruned (a full copy would delete the segments SHARD_END's
+                # state names, which the children are about to load).
+                return
             ref = await owned.state.prepare(upto) if owned.state is not None else None
             await self._leases.checkpoint(owned.lease, value, ref, sub)
             self.committed(owned)
