@@ -31,6 +31,12 @@ it), 4 shards, 200 records a second for 30 s, with default polling and again wit
 
 `--set` overrides apply to the throughput runs only; scale and latency use the defaults.
 
+Aggregator (bench/aggregate.py, `--skip-aggregate` to leave out): `aggregate` beside the
+workshop's KDA SQL ported straight to aiobotocore (bench/port.py), readings per CPU-second on
+the canned endpoint and on kinesalite (200,000 per-second readings of 400 unicorns, 4 shards,
+CPU between a tenth and all of them read), whether both put the same windows, and the pods a
+fleet needs per 1,000 shards of raw readings. With `--profile DIR` its profile is printed.
+
 State cost (bench/statecost.py, `--skip-state-cost` to leave out): what one aggregator
 checkpoint writes to the state table a shard (KB, items, write units) with 100, 1,000 and
 5,000 unicorns on it and the one-hour horizon, and what a full copy weighs.
@@ -59,7 +65,7 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
-from bench import latency, scale, statecost
+from bench import aggregate, latency, scale, statecost
 from bench.canned import canned_server, canned_stats
 from bench.data import SHARDS, aggregates, encode
 from wildrydes_stream.admin.provision import ensure_stream, ensure_table
@@ -171,6 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-latency", action="store_true", help="leave out the latency runs")
     parser.add_argument(
+        "--skip-aggregate", action="store_true", help="leave out the aggregator's runs"
+    )
+    parser.add_argument(
+        "--readings",
+        type=int,
+        default=aggregate.READINGS,
+        help="per-second readings for the aggregator on the canned endpoint (0: skip)",
+    )
+    parser.add_argument(
+        "--emulator-readings",
+        type=int,
+        default=aggregate.READINGS,
+        help="per-second readings for the aggregator on kinesalite (0: skip)",
+    )
+    parser.add_argument(
         "--skip-state-cost",
         action="store_true",
         help="leave out what an aggregator checkpoint writes at 100, 1,000, 5,000 unicorns",
@@ -202,6 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.emulator_records > 0:
         results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
     ok = all(r.written == r.records for r in results)
+    aggregated: list[aggregate.AggResult] = []
+    if not args.skip_aggregate and (args.readings > 0 or args.emulator_readings > 0):
+        aggregated = aggregate.run(
+            args.readings,
+            args.emulator_readings,
+            limit=args.limit,
+            overrides=overrides,
+            loop=args.loop,
+            profile=args.profile,
+        )
+        ok = ok and aggregate.ok(aggregated)
     scaled: scale.Scale | None = None
     if not args.skip_scale:
         records = args.scale_records or 40 * args.scale_shards
@@ -230,6 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results:
         print()
         print_table(results)
+    if aggregated:
+        print()
+        copier = next((r for r in results if (r.target, r.contender) == ("canned", "fast")), None)
+        aggregate.print_table(aggregated, copier.records_per_cpu_second if copier else None)
+        if args.profile and args.readings > 0:
+            print()
+            print("Where the aggregator's CPU goes (canned, cProfile, own time):")
+            aggregate.print_profile(os.path.join(args.profile, "aggregate-aggregate.prof"))
     if scaled is not None:
         print()
         print_scale(scaled)
@@ -237,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print_latency(latencies)
     out = summary(results)
+    out.update(aggregate.summary(aggregated))
     if not args.skip_state_cost:
         print()
         print("What an aggregator checkpoint writes to the state table, per shard:")

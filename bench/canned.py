@@ -15,13 +15,19 @@ X-Amz-Target), without checking signatures:
   many unicorns as shards and unicorn u is on shard u mod N, so every shard holds its share.
   `--record-bytes N` pads each record to about N bytes of JSON with a `Note` string of random
   base64, different in every record (0, the default: the bare aggregates, ~170 bytes).
+  A stream whose name starts with `raw` holds `--raw-readings` per-second readings of
+  `--unicorns` unicorns instead (bench/readings.py), for the aggregator; PutRecords takes any
+  records on any stream and keeps them (distinct data only) to compare outputs.
 - DynamoDB: DescribeTable (`Name` HASH S + `StatusTime` RANGE N for item tables; tables whose
   name starts with `leases` are lease tables, created by CreateTable), GetItem, PutItem,
   UpdateItem, Scan for the lease tables (in memory, conditions not checked: one worker), and
-  BatchWriteItem answering `{"UnprocessedItems":{}}` and counting the items per table.
+  BatchWriteItem answering `{"UnprocessedItems":{}}` and counting the items per table; Query
+  finds nothing (the aggregator's state table, read only after a restart).
 - `GET /_stats` returns {"written": {table: items}, "batches": {table: BatchWriteItem calls},
   "get_records": calls, "records_served": n, "calls": {operation: calls}, "at_end": {lease
-  table: leases whose checkpoint is the last record of their shard}}.
+  table: leases whose checkpoint is the last record of their shard}, "put": {stream: records
+  put}, "put_distinct": {stream: distinct records}, "put_digest": {stream: SHA-256 of the
+  distinct records, sorted}}.
 
 `canned_server(...)` runs this module as a child process and yields its endpoint;
 `canned_stats(endpoint)` reads `/_stats`.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import random
 import signal
@@ -39,6 +46,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +55,8 @@ from typing import Any
 from aiohttp import web
 
 from bench.data import SEQUENCE_BASE, SHARDS, UNICORNS, aggregates, arrival, encode, shard_of
+from bench.readings import START as READINGS_START
+from bench.readings import readings
 
 KINESIS_JSON = "application/x-amz-json-1.1"
 DYNAMODB_JSON = "application/x-amz-json-1.0"
@@ -54,7 +64,13 @@ DYNAMODB_JSON = "application/x-amz-json-1.0"
 
 class Canned:
     def __init__(
-        self, records: int, page_size: int, shards: int = SHARDS, record_bytes: int = 0
+        self,
+        records: int,
+        page_size: int,
+        shards: int = SHARDS,
+        record_bytes: int = 0,
+        raw_readings: int = 0,
+        raw_unicorns: int = 400,
     ) -> None:
         self.page_size = page_size
         self.shards = [f"shardId-{i:012d}" for i in range(shards)]
@@ -76,12 +92,31 @@ class Canned:
             }
             self.pages[shard].append(json.dumps(entry, separators=(",", ":")).encode())
             self.last[self.shards[shard]] = entry["SequenceNumber"]
+        self.raw_pages: list[list[bytes]] = [[] for _ in self.shards]
+        if raw_readings:
+            self._fill_raw(raw_readings, raw_unicorns)
+        self.put: Counter[str] = Counter()
+        self.put_data: dict[str, set[bytes]] = {}
         self.lease_tables: dict[str, dict[str, dict[str, Any]]] = {}
         self.written: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.get_records = 0
         self.served = 0
         self.calls: Counter[str] = Counter()
+
+    def _fill_raw(self, count: int, unicorns: int) -> None:
+        arrival = READINGS_START.timestamp()
+        for n, (name, data) in enumerate(readings(count, unicorns)):
+            shard = zlib.crc32(name.encode()) % len(self.shards)
+            pages = self.raw_pages[shard]
+            entry = {
+                "SequenceNumber": str(SEQUENCE_BASE + (shard << 100) + len(pages) * 2**20),
+                # A reading reaches the stream about half a second after it is taken.
+                "ApproximateArrivalTimestamp": round(arrival + n // unicorns + 0.5, 3),
+                "Data": base64.b64encode(data).decode(),
+                "PartitionKey": name,
+            }
+            pages.append(json.dumps(entry, separators=(",", ":")).encode())
 
     async def handle(self, request: web.Request) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
@@ -124,13 +159,21 @@ class Canned:
                     )
                     for table, leases in self.lease_tables.items()
                 },
+                "put": dict(self.put),
+                "put_distinct": {stream: len(data) for stream, data in self.put_data.items()},
+                "put_digest": {
+                    stream: hashlib.sha256(b"\n".join(sorted(data))).hexdigest()
+                    for stream, data in self.put_data.items()
+                },
             }
         )
 
     # Kinesis
 
     def _records_of(self, stream: str) -> list[list[bytes]]:
-        return [[] for _ in self.shards] if stream.endswith("-empty") else self.pages
+        if stream.endswith("-empty"):
+            return [[] for _ in self.shards]
+        return self.raw_pages if stream.startswith("raw") else self.pages
 
     def kinesis_DescribeStreamSummary(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body["StreamName"]
@@ -199,6 +242,20 @@ class Canned:
             ]
         )
 
+    def kinesis_PutRecords(self, body: dict[str, Any]) -> dict[str, Any]:
+        stream = body["StreamName"]
+        kept = self.put_data.setdefault(stream, set())
+        for record in body["Records"]:
+            kept.add(base64.b64decode(record["Data"]))
+        self.put[stream] += len(body["Records"])
+        return {
+            "FailedRecordCount": 0,
+            "Records": [
+                {"SequenceNumber": str(SEQUENCE_BASE + n), "ShardId": self.shards[0]}
+                for n in range(len(body["Records"]))
+            ],
+        }
+
     # DynamoDB
 
     def dynamodb_DescribeTable(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -261,6 +318,9 @@ class Canned:
         items = list(self._leases(body).values())
         return {"Items": items, "Count": len(items), "ScannedCount": len(items)}
 
+    def dynamodb_Query(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"Items": [], "Count": 0, "ScannedCount": 0}
+
     def dynamodb_BatchWriteItem(self, body: dict[str, Any]) -> bytes:
         for table, requests in body["RequestItems"].items():
             self.written[table] += len(requests)
@@ -307,7 +367,14 @@ def parse_iterator(iterator: str) -> tuple[str, int, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    canned = Canned(args.records, args.page_size, args.shards, args.record_bytes)
+    canned = Canned(
+        args.records,
+        args.page_size,
+        args.shards,
+        args.record_bytes,
+        args.raw_readings,
+        args.unicorns,
+    )
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/_stats", canned.stats)
     app.router.add_post("/{tail:.*}", canned.handle)
@@ -329,7 +396,12 @@ async def serve(args: argparse.Namespace) -> None:
 
 @contextmanager
 def canned_server(
-    records: int, page_size: int, shards: int = SHARDS, record_bytes: int = 0
+    records: int,
+    page_size: int,
+    shards: int = SHARDS,
+    record_bytes: int = 0,
+    raw_readings: int = 0,
+    unicorns: int = 400,
 ) -> Iterator[str]:
     """This endpoint in a process of its own; yields its URL, stops it on exit."""
     command = [sys.executable, "-m", "bench.canned", "--records", str(records)]
@@ -338,6 +410,8 @@ def canned_server(
         command += ["--shards", str(shards)]
     if record_bytes:
         command += ["--record-bytes", str(record_bytes)]
+    if raw_readings:
+        command += ["--raw-readings", str(raw_readings), "--unicorns", str(unicorns)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     try:
         assert process.stdout is not None
@@ -366,6 +440,10 @@ def main() -> None:
     parser.add_argument(
         "--record-bytes", type=int, default=0, help="pad records to about this size (0: no pad)"
     )
+    parser.add_argument(
+        "--raw-readings", type=int, default=0, help="per-second readings on streams named raw*"
+    )
+    parser.add_argument("--unicorns", type=int, default=400, help="unicorns of the readings")
     args = parser.parse_args()
     try:
         import uvloop

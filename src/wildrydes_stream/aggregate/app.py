@@ -19,20 +19,20 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 
 from wildrydes_stream.aggregate.metrics import AggregateMetrics
 from wildrydes_stream.aggregate.readings import Reading, decode_reading
-from wildrydes_stream.aggregate.windows import Added, Emission, ShardWindows
+from wildrydes_stream.aggregate.windows import Emission, ShardWindows
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.core import Consumer, Wiring
 from wildrydes_stream.consumer.state import Changes, Entries, ShardState, StateKey
 from wildrydes_stream.errors import MissingResourceError
-from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
+from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey, Tenure
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.sink.kinesis import StreamRecord, StreamWriter
@@ -116,38 +116,73 @@ class Aggregation:
 
     # --- readings -----------------------------------------------------------------------
 
-    def add(self, envelope: Envelope) -> Added | None:
-        """Merge a reading into its window; None when its shard is no longer held here."""
-        windows = self.shards.get(envelope.shard_id)
-        if windows is None:
-            return None
-        # Envelope.item is typed for the table copy; this application's decode made a Reading.
-        reading = cast(Reading, envelope.item)
-        added = windows.add(reading, envelope.arrival)
-        metrics = self.metrics
-        if added.duplicate:
-            if metrics is not None:
-                metrics.duplicate_readings.inc()
-            return added
-        if added.late and metrics is not None:
-            metrics.late_readings.labels("dead_lettered" if added.refused else "merged").inc()
-        if not added.refused:
-            self._seen(envelope.shard_id, reading.name)
-        self.count(added.emissions)
-        return added
+    def add_page(self, envelopes: list[Envelope]) -> tuple[list[Envelope], list[Emission]]:
+        """Merge a page's readings in order, each acknowledged once merged; returns the
+        refused ones (to dead-letter, then acknowledge) and the windows now due. Readings of
+        a fenced tenure or of a shard no longer held here are skipped.
 
-    def count(self, emissions: list[Emission]) -> None:
+        Runs without a pause, so a page sees one tenure state and one moment: the fence is
+        checked once per tenure and the unicorns' idle clocks are set once per page."""
+        refused: list[Envelope] = []
+        emissions: list[Emission] = []
+        metrics = self.metrics
+        spoke: dict[str, set[str]] = {}
+        tenure: Tenure | None = None
+        fenced = True
+        shard_id = ""
+        windows: ShardWindows | None = None
+        names: set[str] = set()
+        for envelope in envelopes:
+            if envelope.tenure is not tenure:
+                tenure = envelope.tenure
+                fenced = tenure.fenced
+            if fenced:
+                continue
+            if envelope.shard_id != shard_id or windows is None:
+                shard_id = envelope.shard_id
+                windows = self.shards.get(shard_id)
+                if windows is None:
+                    continue
+                names = spoke.setdefault(shard_id, set())
+            # Envelope.item is typed for the table copy; this application's decode made a
+            # Reading (an annotation, not typing.cast: no call per reading).
+            reading: Reading = envelope.item  # type: ignore[assignment]
+            added = windows.add(reading, envelope.arrival)
+            if added.duplicate:
+                if metrics is not None:
+                    metrics.duplicate_readings.inc()
+            elif added.refused:
+                if metrics is not None:
+                    metrics.late_readings.labels("dead_lettered").inc()
+                refused.append(envelope)
+                continue
+            else:
+                if added.late and metrics is not None:
+                    metrics.late_readings.labels("merged").inc()
+                names.add(reading.name)
+                if added.emissions:
+                    emissions += added.emissions
+            tenure.finish(envelope.sequence)
+        if spoke:
+            now = time.monotonic()
+            for shard, spoken in spoke.items():
+                for name in spoken:
+                    self._seen(shard, name, now)
+        self.count(emissions)
+        return refused, emissions
+
+    def count(self, emissions: Sequence[Emission]) -> None:
         if self.metrics is not None and emissions:
             self.metrics.windows_emitted.inc(len(emissions))
             again = sum(1 for e in emissions if e.again)
             if again:
                 self.metrics.windows_reemitted.inc(again)
 
-    def _seen(self, shard_id: str, name: str) -> None:
+    def _seen(self, shard_id: str, name: str, now: float | None = None) -> None:
         """Note the unicorn spoke; arm its idle timer if none is armed. The timer re-arms
         itself for the time left rather than being moved on every reading."""
         key = (shard_id, name)
-        self._last_seen[key] = time.monotonic()
+        self._last_seen[key] = time.monotonic() if now is None else now
         if key not in self._timers:
             loop = asyncio.get_running_loop()
             self._timers[key] = loop.call_later(self._idle_timeout, self._idle, key)
@@ -217,9 +252,9 @@ def encode_window(emission: Emission) -> bytes:
     ).encode()
 
 
-def number(value: Decimal) -> str:
+def number(value: int | Decimal) -> str:
     """JSON number text: whole values without a decimal point, others without an exponent."""
-    if value == value.to_integral_value():
+    if isinstance(value, int) or value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
 
@@ -251,20 +286,8 @@ class WindowSink:
         the pollers back, never grows memory."""
         # Windows keep aggregates, not readings: the records' bytes leave the byte bound now,
         # and the windows are charged to it until put (memory.py).
-        self._budget.give_back(sum(len(envelope.data) for envelope in envelopes))
-        refused: list[Envelope] = []
-        emissions: list[Emission] = []
-        for envelope in envelopes:
-            if envelope.tenure.fenced:
-                continue
-            added = self._aggregation.add(envelope)
-            if added is None:
-                continue
-            if added.refused:
-                refused.append(envelope)
-                continue
-            emissions += added.emissions
-            envelope.tenure.finish(envelope.sequence)
+        self._budget.give_back(sum([len(envelope.data) for envelope in envelopes]))
+        refused, emissions = self._aggregation.add_page(envelopes)
         if refused:
             await self._deadletters.send([self._late(envelope) for envelope in refused])
             for envelope in refused:

@@ -35,10 +35,10 @@ from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
-from typing import Any
+from typing import Any, Final
 
 from wildrydes_stream.aggregate.memory import RECORD_BYTES, window_bytes
-from wildrydes_stream.aggregate.readings import Reading
+from wildrydes_stream.aggregate.readings import Number, Reading
 from wildrydes_stream.consumer.state import Changes, Entries, StateKey
 from wildrydes_stream.runtime.budget import ByteBudget
 
@@ -53,11 +53,11 @@ WINDOW = "w:"
 
 @dataclass(slots=True)
 class Aggregate:
-    distance: Decimal
-    min_magic: Decimal
-    max_magic: Decimal
-    min_health: Decimal
-    max_health: Decimal
+    distance: Number
+    min_magic: Number
+    max_magic: Number
+    min_health: Number
+    max_health: Number
 
     @classmethod
     def of(cls, reading: Reading) -> Aggregate:
@@ -65,14 +65,29 @@ class Aggregate:
         return cls(reading.distance, m, m, h, h)
 
     def add(self, reading: Reading) -> None:
-        self.distance = _EXACT.add(self.distance, reading.distance)
-        self.min_magic = min(self.min_magic, reading.magic)
-        self.max_magic = max(self.max_magic, reading.magic)
-        self.min_health = min(self.min_health, reading.health)
-        self.max_health = max(self.max_health, reading.health)
+        # Whole numbers (every reading the workshop producer sends) add as ints; a Decimal on
+        # either side makes the sum an exact Decimal.
+        distance, total = reading.distance, self.distance
+        if type(distance) is int and type(total) is int:
+            self.distance = total + distance
+        else:
+            self.distance = _EXACT.add(total, distance)
+        magic, health = reading.magic, reading.health
+        if magic < self.min_magic:
+            self.min_magic = magic
+        if magic > self.max_magic:
+            self.max_magic = magic
+        if health < self.min_health:
+            self.min_health = health
+        if health > self.max_health:
+            self.max_health = health
 
     def merge(self, other: Aggregate) -> None:
-        self.distance = _EXACT.add(self.distance, other.distance)
+        total, distance = self.distance, other.distance
+        if type(distance) is int and type(total) is int:
+            self.distance = total + distance
+        else:
+            self.distance = _EXACT.add(total, distance)
         self.min_magic = min(self.min_magic, other.min_magic)
         self.max_magic = max(self.max_magic, other.max_magic)
         self.min_health = min(self.min_health, other.min_health)
@@ -88,10 +103,18 @@ class Aggregate:
 
     @classmethod
     def decode(cls, values: list[str]) -> Aggregate:
-        return cls(*(Decimal(v) for v in values))
+        return cls(*(_number(v) for v in values))
 
-    def _values(self) -> tuple[Decimal, ...]:
+    def _values(self) -> tuple[Number, ...]:
         return (self.distance, self.min_magic, self.max_magic, self.min_health, self.max_health)
+
+
+def _number(text: str) -> Number:
+    """A stored value: an int where it is one (as the readings give them), else Decimal."""
+    digits = text[1:] if text.startswith("-") else text
+    if digits.isdigit() and digits.isascii():
+        return int(text)
+    return Decimal(text)
 
 
 @dataclass(slots=True)
@@ -99,8 +122,9 @@ class Window:
     name: str
     start_ms: int
     values: Aggregate
-    seen: array[int] = field(default_factory=lambda: array("l"))
-    """StatusTimes merged, as ms offsets from the start (duplicates are refused by these)."""
+    seen: array[int] = field(default_factory=lambda: array("i"))
+    """StatusTimes merged, as ms offsets from the start (duplicates are refused by these;
+    4 bytes each: an offset is below the longest window, an hour)."""
     version: int = 0
     """Bumped by every reading merged."""
     put_version: int = 0
@@ -113,6 +137,11 @@ class Window:
     """Bytes counted in the byte budget for it (and its queued records) until it is put."""
     queued: bool = False
     """A record of it is queued since it was last put: a further one is charged too."""
+    key: tuple[str, int] = field(init=False)
+    """(Name, start): made once, for the open and changed sets every reading touches."""
+
+    def __post_init__(self) -> None:
+        self.key = (self.name, self.start_ms)
 
     @property
     def unput(self) -> bool:
@@ -150,7 +179,13 @@ class Added:
     """More than the late horizon behind its unicorn's watermark: dead-letter it."""
     duplicate: bool = False
     """Its window holds a reading with the same StatusTime: not counted again."""
-    emissions: list[Emission] = field(default_factory=list)
+    emissions: tuple[Emission, ...] = ()
+
+
+# The outcomes that carry no emissions, made once: most readings end in one of them.
+_MERGED: Final = Added()
+_DUPLICATE: Final = Added(duplicate=True)
+_REFUSED: Final = Added(late=True, refused=True)
 
 
 class ShardWindows:
@@ -185,6 +220,8 @@ class ShardWindows:
         return max(u.latest_ms for u in self.unicorns.values()) - self._lateness_ms
 
     def add(self, reading: Reading, arrival: float) -> Added:
+        # Once per reading: locals instead of repeated attribute look-ups, and the common
+        # outcome (merged, nothing due) allocates nothing but the offset it stores.
         name, time_ms, length = reading.name, reading.time_ms, self._window_ms
         start = time_ms - time_ms % length
         unicorn = self.unicorns.get(name)
@@ -194,37 +231,43 @@ class ShardWindows:
         window = unicorn.windows.get(start)
         offset = time_ms - start
         if window is not None and offset in window.seen:
-            return Added(duplicate=True)
-        before = unicorn.latest_ms - self._lateness_ms
+            return _DUPLICATE
+        latest = unicorn.latest_ms
+        before = latest - self._lateness_ms
         if time_ms < before - self._horizon_ms:
-            return Added(late=True, refused=True)
-        if time_ms > unicorn.latest_ms:
-            unicorn.latest_ms = time_ms
+            return _REFUSED
+        if time_ms > latest:
+            unicorn.latest_ms = latest = time_ms
             self._dirty_unicorns.add(name)
         if window is None:
             window = unicorn.windows[start] = Window(name, start, Aggregate.of(reading))
         else:
             window.values.add(reading)
         window.seen.append(offset)
-        if not window.unput:
+        if window.put_version >= window.version:
             window.arrival = arrival  # the oldest reading not in a put yet
             self._hold(window, window_bytes(name, window.seen))
         else:
             self._hold(window, window.seen.itemsize)
         window.version += 1
-        self._dirty_windows.add((name, start))
-        watermark = unicorn.latest_ms - self._lateness_ms
+        key = window.key
+        self._dirty_windows.add(key)
+        watermark = latest - self._lateness_ms
         late = start + length <= watermark
+        # Window ends sit on multiples of the length: only a crossing can make one due.
+        crossed = watermark // length > before // length
+        if not late and not crossed:
+            self.open[key] = window
+            return _MERGED
         emissions: list[Emission] = []
         if late:
             emissions.append(self._emit(window))
         else:
-            self.open[(name, start)] = window
-        # Window ends sit on multiples of the length: only a crossing can make one due.
-        if watermark // length > before // length:
+            self.open[key] = window
+        if crossed:
             emissions += self._due(unicorn, watermark)
             self._expire(unicorn, watermark)
-        return Added(late=late, emissions=emissions)
+        return Added(late=late, emissions=tuple(emissions))
 
     def _due(self, unicorn: Unicorn, watermark: int) -> list[Emission]:
         length = self._window_ms
@@ -357,7 +400,7 @@ class ShardWindows:
     def _restore_window(self, name: str, start: int, value: Any) -> None:
         values, seen, emitted, unput = value
         unicorn = self.unicorns.setdefault(name, Unicorn(start))
-        window = Window(name, start, Aggregate.decode(values), array("l", seen))
+        window = Window(name, start, Aggregate.decode(values), array("i", seen))
         window.emitted, window.version = bool(emitted), 1
         window.put_version = 0 if unput else 1
         known = unicorn.windows.get(start)
