@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,6 +176,27 @@ async def test_without_any_region_it_says_how_to_set_one(
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert "no AWS region" in stderr
+
+
+async def test_an_endpoint_it_cannot_connect_to_fails_at_once_as_run_does(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = bare_env(**{**aws_env, "AWS_ENDPOINT_URL_KINESIS": endpoint})
+    started = time.monotonic()
+
+    # No --count or --duration: before, it retried until Ctrl-C and then exited 0.
+    code, stdout, stderr = await run_to_exit(env, "produce", timeout=20)
+
+    assert time.monotonic() - started < 15
+    assert (code, stdout) == (1, "")
+    [line] = stderr.splitlines()
+    assert line.startswith(f"wildrydes-stream: cannot connect to {endpoint}/"), line
+    run_env = {**env, "WILDRYDES_HTTP_PORT": "0", "WILDRYDES_HTTP_HOST": "127.0.0.1"}
+    run_env["WILDRYDES_DEADLETTER_FILE"] = str(tmp_path / "deadletter.jsonl")
+    assert (await run_to_exit(run_env, "run"))[::2] == (1, stderr)
 
 
 # --- fleets, simulated time, stopping -----------------------------------------------------

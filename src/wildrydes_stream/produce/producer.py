@@ -9,7 +9,8 @@ One unicorn goes out with PutRecord, as the workshop's Go producer did (so the I
 it needed still suffices); a fleet with PutRecords in batches of up to 500. Throttling and
 transient faults are retried with capped exponential backoff, and only the entries that failed
 are sent again, so each reading lands once. Anything else (a missing stream, no permission,
-bad credentials) stops the run with one line saying what.
+bad credentials, an endpoint it cannot connect to before the first record is in) stops the run
+with one line saying what.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from random import Random
 from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from wildrydes_stream.aws.retry import (
     THROTTLING_CODES,
@@ -147,7 +149,7 @@ class Producer:
                 if fault_of(exc) not in ("throttle", "transient"):
                     raise self._fatal(exc) from None
             except Exception as exc:
-                if fault_of(exc) != "transient":
+                if fault_of(exc) != "transient" or self._unreachable(exc):
                     raise
             if not pending:
                 return
@@ -157,6 +159,12 @@ class Producer:
             await self._wait(backoff_delay(attempt, BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS))
             attempt += 1
             self.stats.retries += 1
+
+    def _unreachable(self, exc: BaseException) -> bool:
+        """No connection before anything was put: a wrong endpoint or region, or no network.
+        Retrying would only hide it (the run would print nothing but a summary at Ctrl-C);
+        once records went in, a connection failing is a blip and is retried."""
+        return self.stats.put == 0 and isinstance(exc, BotoConnectionError)
 
     async def _send(self, readings: list[Reading]) -> list[Reading]:
         """One call; returns the readings still to put."""
