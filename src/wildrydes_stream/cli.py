@@ -10,11 +10,18 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from wildrydes_stream import __version__
 from wildrydes_stream.config import (
@@ -25,7 +32,7 @@ from wildrydes_stream.config import (
     load,
     shown_value,
 )
-from wildrydes_stream.errors import WildrydesError
+from wildrydes_stream.errors import ConfigError, WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
 from wildrydes_stream.runtime.heap import settle_heap
 from wildrydes_stream.runtime.signals import install_signal_handlers
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wildrydes_stream")
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
@@ -241,18 +249,77 @@ def _add_produce(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (README, "Exit codes"): 0 done, 1 it ran and failed,
+    2 it was not run because its arguments or settings are wrong or missing."""
+    try:
+        try:
+            return _command(argv)
+        finally:
+            # Flushed here, not at interpreter exit, so a reader that went away is seen below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # `settings | head -1`: the reader has what it wanted. Nothing more can be printed;
+        # point stdout at /dev/null so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (BotoCoreError, ClientError) as exc:
+        line, code = aws_failure(exc)
+        print(f"wildrydes-stream: {line}", file=sys.stderr)
+        return code
+
+
+def aws_failure(exc: BotoCoreError | ClientError) -> tuple[str, int]:
+    """One line and the exit code for an AWS call that failed before a command could work:
+    no credentials is a missing setting (2); an endpoint out of reach, or AWS refusing, is a
+    failure (1). Every command says these the same way."""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return (
+            f"no AWS credentials ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE, or run with a role (web identity on EKS, an instance profile)",
+            EXIT_USAGE,
+        )
+    if isinstance(exc, BotoConnectionError):
+        endpoint = exc.kwargs.get("endpoint_url") or exc.kwargs.get("proxy_url") or "AWS"
+        return (
+            f"cannot connect to {endpoint} ({exc}): check the network, the region, and "
+            "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE> if set",
+            EXIT_FAILURE,
+        )
+    return f"AWS call failed: {exc}", EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "settings" and not args.effective:
         print(render_settings(args.format))
         return 0
     if args.command == "produce":
         return _produce_command(args)
     strict = args.strict or os.environ.get("WILDRYDES_STRICT", "").lower() in ("1", "true", "yes")
-    try:
-        loaded = load(args.config, strict=strict)
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    loaded = load(args.config, strict=strict)
     settings = loaded.settings
     if args.command == "settings":
         print(render_effective(loaded))
@@ -268,36 +335,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     for warning in loaded.warnings:
         log.warning(warning)
-    try:
-        if args.command == "run":
-            return _run_loop(_serve(settings), settings.event_loop)
-        if args.command == "aggregate":
-            return _run_loop(_aggregate(settings), settings.event_loop)
-        if args.command == "provision":
-            return _run_loop(_provision(settings, args.shards))
-        if args.command == "status":
-            return _run_loop(_status(settings, args.json))
-        if args.command == "reset":
-            from wildrydes_stream.admin.reset import Target
+    if args.command == "run":
+        return _run_loop(_serve(settings), settings.event_loop)
+    if args.command == "aggregate":
+        return _run_loop(_aggregate(settings), settings.event_loop)
+    if args.command == "provision":
+        return _run_loop(_provision(settings, args.shards))
+    if args.command == "status":
+        return _run_loop(_status(settings, args.json))
+    if args.command == "reset":
+        from wildrydes_stream.admin.reset import Target
 
-            target = Target.parse(args.to)
-            shards = None if args.all else args.shard
-            return _run_loop(_reset(settings, shards, target, args.force))
-        if args.command == "redrive":
-            redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
-            return _run_loop(redriving)
-        if args.command == "local":
-            from wildrydes_stream.local.runner import LocalOptions, run_local
+        target = Target.parse(args.to)
+        shards = None if args.all else args.shard
+        return _run_loop(_reset(settings, shards, target, args.force))
+    if args.command == "redrive":
+        redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
+        return _run_loop(redriving)
+    if args.command == "local":
+        from wildrydes_stream.local.runner import LocalOptions, run_local
 
-            options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
-            return _run_loop(run_local(settings, options))
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return 1
-    except (BotoCoreError, ClientError) as exc:
-        # Unreachable endpoint, no credentials, access denied: say which, not a traceback.
-        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
-        return 1
+        options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
+        return _run_loop(run_local(settings, options))
     raise AssertionError(args.command)
 
 
@@ -393,19 +452,7 @@ def _produce_command(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         seed=args.seed,
     )
-    try:
-        region = produce_region(args.region)
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return _run_loop(_produce(options, region))
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return 1
-    except (BotoCoreError, ClientError) as exc:
-        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
-        return 1
+    return _run_loop(_produce(options, produce_region(args.region)))
 
 
 def produce_region(flag: str | None) -> str:

@@ -409,21 +409,23 @@ def load(
     values = {name: _coerce(fields[name], value, where) for name, (value, where) in raw.items()}
     settings = _validate(Settings(**values))
     sources = {name: raw[name][1] if name in raw else "default" for name in fields}
-    warnings = _unknown_variables(environ) + _without_effect(settings, sources)
+    warnings = _unknown_variables(environ, strict) + _without_effect(settings, sources)
     if strict and warnings:
-        raise ConfigError(f"{warnings[0]} (strict: WILDRYDES_STRICT / --strict)")
+        raise ConfigError(f"{warnings[0]} (refused under --strict / WILDRYDES_STRICT)")
     return Loaded(settings, sources, warnings)
 
 
-def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+def _unknown_variables(environ: Mapping[str, str], strict: bool = False) -> list[str]:
+    # Under strict the variable is refused, not ignored: the line must not say otherwise.
+    outcome = "" if strict else " and is ignored"
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     lines = []
     for variable in sorted(environ):
         if not variable.startswith(ENV_PREFIX) or variable in known | OTHER_VARIABLES:
             continue
         guess = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.75)
-        hint = f"; did you mean {guess[0]}?" if guess else ""
-        lines.append(f"environment variable {variable} is not a setting and is ignored{hint}")
+        hint = f"; did you mean {guess[0]}?" if guess else ": unset it or correct its name"
+        lines.append(f"environment variable {variable} is not a setting{outcome}{hint}")
     return lines
 
 
