@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wildrydes_stream")
 
 EXIT_FAILURE = 1
+APPLICATIONS = ("run", "aggregate")
 EXIT_USAGE = 2
 
 
@@ -122,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-1 retries for as long as the fault lasts)",
     )
     redrive.add_argument(
+        "--app",
         "--application",
-        choices=("run", "aggregate"),
+        dest="application",
+        choices=APPLICATIONS,
         help="send only this application's letters, the others stay (needed when the source "
         "holds letters of both)",
     )
@@ -131,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="every shard's state, owner, checkpoint and lag, and every worker"
     )
     _settings_options(status)
+    _application_option(status, "whose shards to show")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     reset = commands.add_parser(
         "reset",
         help="move shards' checkpoints (refused while a live worker holds them, unless --force)",
     )
     _settings_options(reset)
+    _application_option(reset, "whose checkpoints to move")
     which = reset.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--shard", action="append", metavar="ID", help="a shard to move (repeat for more)"
@@ -146,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         required=True,
         metavar="POSITION",
-        help="TRIM_HORIZON, LATEST, an ISO 8601 time, or a sequence number (reading resumes "
-        "after it)",
+        help="TRIM_HORIZON, LATEST (any case), a past ISO 8601 time (UTC unless a zone is "
+        "given), or a sequence number of the shard (reading resumes after it)",
     )
     reset.add_argument(
         "--force",
@@ -187,6 +192,27 @@ def _settings_options(command: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="unknown variables and settings without effect are errors",
     )
+
+
+def _application_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--app",
+        "--application",
+        dest="app",
+        choices=APPLICATIONS,
+        default="run",
+        help=f"{what}: run's (default; stream_name, lease_table_name) or aggregate's "
+        "(raw_stream_name, aggregate_lease_table_name)",
+    )
+
+
+def _consumer_settings(settings: Settings, app: str) -> Settings:
+    """The stream and lease table the application's consumer reads with."""
+    if app == "aggregate":
+        from wildrydes_stream.aggregate.app import consumer_settings
+
+        return consumer_settings(settings)
+    return settings
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -342,13 +368,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "provision":
         return _run_loop(_provision(settings, args.shards))
     if args.command == "status":
-        return _run_loop(_status(settings, args.json))
+        return _run_loop(_status(_consumer_settings(settings, args.app), args.app, args.json))
     if args.command == "reset":
         from wildrydes_stream.admin.reset import Target
 
         target = Target.parse(args.to)
         shards = None if args.all else args.shard
-        return _run_loop(_reset(settings, shards, target, args.force))
+        consumer = _consumer_settings(settings, args.app)
+        return _run_loop(_reset(consumer, shards, target, args.force))
     if args.command == "redrive":
         redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
         return _run_loop(redriving)
@@ -480,12 +507,12 @@ async def _produce(options: ProduceOptions, region: str) -> int:
     return 0
 
 
-async def _status(settings: Settings, as_json: bool) -> int:
+async def _status(settings: Settings, app: str, as_json: bool) -> int:
     from wildrydes_stream.admin.status import render, status
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
-        report = await status(clients.kinesis, clients.dynamodb_control, settings)
+        report = await status(clients.kinesis, clients.dynamodb_control, settings, app)
     print(render(report, as_json))
     return 0
 
@@ -495,7 +522,9 @@ async def _reset(settings: Settings, shards: list[str] | None, target: Any, forc
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
-        changes = await reset(clients.dynamodb_control, settings, shards, target, force=force)
+        changes = await reset(
+            clients.kinesis, clients.dynamodb_control, settings, shards, target, force=force
+        )
     for change in changes or ["nothing to reset"]:
         print(change)
     return 0

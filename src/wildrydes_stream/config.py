@@ -329,6 +329,24 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+def application_of(settings: Settings) -> Literal["run", "aggregate"]:
+    """`aggregate` for the aggregator's consumer settings (aggregate/app.py consumer_settings
+    reads `raw_stream_name` under `aggregate_lease_table_name`), else `run`: messages from the
+    shared consumer core name that application's settings and commands."""
+    if (settings.stream_name, settings.lease_table_name) == (
+        settings.raw_stream_name,
+        settings.aggregate_lease_table_name,
+    ):
+        return "aggregate"
+    return "run"
+
+
+def stream_setting(settings: Settings) -> str:
+    """The setting, with its variable, that names the stream a consumer reads."""
+    name = "raw_stream_name" if application_of(settings) == "aggregate" else "stream_name"
+    return f"{name} ({ENV_PREFIX}{name.upper()})"
+
+
 def redact_url(url: str) -> str:
     """The URL as logs and messages may show it: scheme and host (with port) only, `…` for
     anything after them. Webhook URLs (Slack, Teams) carry their secret in the path or query,
