@@ -339,4 +339,14 @@ class Aggregator(Consumer):
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.windows = WindowAggregation(settings)
         super().__init__(consumer_settings(settings), self.windows, registry)
+        self.metrics.for_stream_output()  # from the first scrape on, no table series
         self.output_stream = settings.stream_name
+
+    def endpoints(self) -> dict[str, str]:
+        # It reads the raw stream and puts on the aggregated one; it writes no table.
+        s = self.settings
+        return {
+            "stream": s.stream_name,
+            "output_stream": self.output_stream,
+            "lease_table": s.lease_table_name,
+        }
