@@ -190,6 +190,27 @@ async def test_a_source_that_is_no_dead_letter_file_is_refused_saying_what_it_is
     assert notes.read_text() == "first line\nsecond line\n"
 
 
+async def test_a_missing_raw_stream_while_redriving_readings_names_raw_stream_name(
+    one_shard: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = one_shard.replace(raw_stream_name=f"{one_shard.stream_name}-never-created")
+    path = tmp_path / "deadletter.jsonl"
+    batch = LetterBatch.of(letters(settings.raw_stream_name, reading("Shadowfax", 1)), "aggregate")
+    await FileDestination(path, Retry(Metrics())).send(batch)
+
+    report = await redrive(settings, str(path), max_retry_attempts=1)
+
+    assert (report.written, report.failed) == (0, 1)
+    blocked = [
+        r.getMessage() for r in caplog.records if "PutRecords keeps failing" in r.getMessage()
+    ]
+    assert blocked, caplog.text
+    assert blocked[0].endswith(
+        f"create stream {settings.raw_stream_name} or set raw_stream_name "
+        "(WILDRYDES_RAW_STREAM_NAME)"
+    )
+
+
 async def test_redrive_command_prints_one_summary_line_and_exits_1_while_some_fail(
     one_shard: Settings, dynamodb: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
