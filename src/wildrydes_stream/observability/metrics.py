@@ -200,10 +200,10 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.batch_write_seconds.labels(outcome)
 
-    def for_stream_output(self) -> None:
-        """For an application that puts on a stream and writes no table (`aggregate`): its
-        /metrics carries none of the table writers' series, and PutRecords where they had
-        BatchWriteItem (exported at 0 from the start, as those were)."""
+    def for_stream_output(self, api: str) -> None:
+        """For an application that puts on a stream with `api` and writes no table
+        (`aggregate`): its /metrics carries none of the table writers' series, and `api` where
+        they had BatchWriteItem (exported at 0 from the start, as those were)."""
         for metric in (
             self.records_written,
             self.batch_write_seconds,
@@ -215,11 +215,11 @@ class Metrics:
         self.records_dead_lettered.remove("rejected_by_table")
         for family in (self.throttles, self.errors, self.blocked):
             family.remove("BatchWriteItem")
-            family.labels("PutRecords")
+            family.labels(api)
         for cause in BLOCKED_CAUSES:
             self.blocked_errors.remove("BatchWriteItem", cause)
-            self.blocked_errors.labels("PutRecords", cause)
-        self.blocked.labels("PutRecords").set(0)
+            self.blocked_errors.labels(api, cause)
+        self.blocked.labels(api).set(0)
 
     def snapshot(self) -> Snapshot:
         """Totals across labels, for summaries and tests."""
