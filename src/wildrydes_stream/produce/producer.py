@@ -143,6 +143,7 @@ class Producer:
         pending = list(readings)
         attempt = 0
         while True:
+            waiting = len(pending)
             try:
                 pending = await self._send(pending)
             except ClientError as exc:
@@ -151,6 +152,8 @@ class Producer:
             except Exception as exc:
                 if fault_of(exc) != "transient" or self._unreachable(exc):
                     raise
+            # Outside the try: stdout failing (a closed pipe) is not a failed put to retry.
+            self._done(waiting - len(pending))
             if not pending:
                 return
             if self._stop.is_set():
@@ -174,7 +177,6 @@ class Producer:
             await self._kinesis.put_record(
                 StreamName=stream, Data=reading.encode(), PartitionKey=reading.name
             )
-            self._done(1)
             return []
         response = await self._kinesis.put_records(
             StreamName=stream,
@@ -191,7 +193,6 @@ class Producer:
                     f"{code}: {result.get('ErrorMessage', '')}"
                 )
             failed.append(reading)
-        self._done(len(readings) - len(failed))
         return failed
 
     def _done(self, records: int) -> None:
