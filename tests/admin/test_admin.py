@@ -218,3 +218,25 @@ async def test_status_and_reset_see_the_aggregators_lease_table_with_app_aggrega
     ]
     leases = await LeaseTable(dynamodb, s.aggregate_lease_table_name, "reader").all()
     assert {lease.checkpoint for lease in leases.values()} == {"LATEST"}
+
+
+async def test_status_names_the_setting_of_a_missing_stream_and_reset_refuses_a_future_time(
+    settings: Settings, aws_env: dict[str, str]
+) -> None:
+    s = aggregate_settings(settings)  # neither stream exists
+    env = service_env(s, aws_env)
+
+    code, _, stderr = await run_to_exit(env, "status", "--app", "aggregate")
+
+    assert code == 1
+    assert stderr.splitlines() == [
+        f"wildrydes-stream: Kinesis stream {s.raw_stream_name!r} does not exist: create it or "
+        "set raw_stream_name (WILDRYDES_RAW_STREAM_NAME)"
+    ]
+    # Refused as given, even with no lease to move (before, "nothing to reset", exit 0).
+    code, stdout, stderr = await run_to_exit(env, "reset", "--all", "--to", "2999-01-01T00:00")
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        "wildrydes-stream: --to 2999-01-01T00:00: the time is in the future, there is nothing "
+        "to read from there; give a past time, or LATEST for only what comes next"
+    ]

@@ -17,8 +17,9 @@ from botocore.exceptions import ClientError
 
 from wildrydes_stream.admin.liveness import scan_twice
 from wildrydes_stream.aws.retry import error_code
-from wildrydes_stream.config import Settings
+from wildrydes_stream.config import Settings, stream_setting
 from wildrydes_stream.consumer.leases import SHARD_END, Lease, LeaseTable
+from wildrydes_stream.errors import MissingResourceError
 from wildrydes_stream.source.shards import Shard, list_shards
 
 
@@ -51,7 +52,13 @@ class Status:
 async def status(kinesis: Any, dynamodb: Any, settings: Settings, application: str) -> Status:
     """`settings` as the application's consumer reads: for `aggregate`, the raw stream and
     its own lease table (aggregate/app.py consumer_settings)."""
-    shards = await list_shards(kinesis, settings.stream_name)
+    try:
+        shards = await list_shards(kinesis, settings.stream_name)
+    except MissingResourceError:
+        raise MissingResourceError(
+            f"Kinesis stream {settings.stream_name!r} does not exist: create it or set "
+            f"{stream_setting(settings)}"
+        ) from None
     table = LeaseTable(dynamodb, settings.lease_table_name, "status")
     leases, alive = await scan_twice(table, settings.lease_duration_seconds)
     rows = [

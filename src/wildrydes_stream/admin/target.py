@@ -4,7 +4,7 @@ A position the worker cannot start at would be written without complaint and the
 GetShardIterator on every attempt, so it is refused before anything is moved: a sequence
 number must lie in the shard's range (ListShards) and be one Kinesis accepts for that shard
 (sequence numbers encode their shard: a number from another shard can lie in the range), and
-a time must not be in the future.
+a time must not be in the future (checked when parsed, before any AWS call).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class Target:
                 f"--to {text!r} is not TRIM_HORIZON, LATEST, a sequence number or an ISO 8601 "
                 "time (e.g. 2026-11-28T18:00:00, UTC unless a zone is given)"
             ) from None
+        if moment > datetime.now(UTC):
+            raise ConfigError(
+                f"--to {text}: the time is in the future, there is nothing to read from there; "
+                "give a past time, or LATEST for only what comes next"
+            )
         return cls(AT_TIMESTAMP, round(moment.timestamp() * 1000))
 
     def __str__(self) -> str:
@@ -56,15 +61,8 @@ class Target:
 
 
 async def check(kinesis: Any, stream: str, shard_id: str, target: Target) -> None:
-    """ConfigError, naming the shard and what to do, when reading cannot start at `target`."""
-    if target.moment_ms is not None:
-        now_ms = datetime.now(UTC).timestamp() * 1000
-        if target.moment_ms > now_ms:
-            raise ConfigError(
-                f"--to {target}: the time is in the future, there is nothing to read from "
-                "there; give a past time, or LATEST for only what comes next"
-            )
-        return
+    """ConfigError, naming the shard and what to do, when reading cannot start at `target`
+    (a time was checked when parsed)."""
     if not target.checkpoint.isdigit():
         return
     sequence = int(target.checkpoint)
