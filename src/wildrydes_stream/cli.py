@@ -10,11 +10,18 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from wildrydes_stream import __version__
 from wildrydes_stream.config import (
@@ -26,7 +33,7 @@ from wildrydes_stream.config import (
     load,
     shown_value,
 )
-from wildrydes_stream.errors import WildrydesError
+from wildrydes_stream.errors import ConfigError, WildrydesError
 from wildrydes_stream.observability.logs import configure_logging
 from wildrydes_stream.runtime.heap import settle_heap
 from wildrydes_stream.runtime.signals import install_signal_handlers
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wildrydes_stream")
 
+EXIT_FAILURE = 1
+APPLICATIONS = ("run", "aggregate")
 EXIT_USAGE = 2
 
 
@@ -115,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-1 retries for as long as the fault lasts)",
     )
     redrive.add_argument(
+        "--app",
         "--application",
-        choices=("run", "aggregate"),
+        dest="application",
+        choices=APPLICATIONS,
         help="send only this application's letters, the others stay (needed when the source "
         "holds letters of both)",
     )
@@ -124,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="every shard's state, owner, checkpoint and lag, and every worker"
     )
     _settings_options(status)
+    _application_option(status, "whose shards to show")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     reset = commands.add_parser(
         "reset",
         help="move shards' checkpoints (refused while a live worker holds them, unless --force)",
     )
     _settings_options(reset)
+    _application_option(reset, "whose checkpoints to move")
     which = reset.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--shard", action="append", metavar="ID", help="a shard to move (repeat for more)"
@@ -139,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         required=True,
         metavar="POSITION",
-        help="TRIM_HORIZON, LATEST, an ISO 8601 time, or a sequence number (reading resumes "
-        "after it)",
+        help="TRIM_HORIZON, LATEST (any case), a past ISO 8601 time (UTC unless a zone is "
+        "given), or a sequence number of the shard (reading resumes after it)",
     )
     reset.add_argument(
         "--force",
@@ -180,6 +193,27 @@ def _settings_options(command: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="unknown variables and settings without effect are errors",
     )
+
+
+def _application_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--app",
+        "--application",
+        dest="app",
+        choices=APPLICATIONS,
+        default="run",
+        help=f"{what}: run's (default; stream_name, lease_table_name) or aggregate's "
+        "(raw_stream_name, aggregate_lease_table_name)",
+    )
+
+
+def _consumer_settings(settings: Settings, app: str) -> Settings:
+    """The stream and lease table the application's consumer reads with."""
+    if app == "aggregate":
+        from wildrydes_stream.aggregate.app import consumer_settings
+
+        return consumer_settings(settings)
+    return settings
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -242,20 +276,79 @@ def _add_produce(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (README, "Exit codes"): 0 done, 1 it ran and failed,
+    2 it was not run because its arguments or settings are wrong or missing."""
+    try:
+        try:
+            return _command(argv)
+        finally:
+            # Flushed here, not at interpreter exit, so a reader that went away is seen below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # `settings | head -1`: the reader has what it wanted. Nothing more can be printed;
+        # point stdout at /dev/null so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WildrydesError as exc:
+        print(f"wildrydes-stream: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (BotoCoreError, ClientError) as exc:
+        line, code = aws_failure(exc)
+        print(f"wildrydes-stream: {line}", file=sys.stderr)
+        return code
+
+
+def aws_failure(exc: BotoCoreError | ClientError) -> tuple[str, int]:
+    """One line and the exit code for an AWS call that failed before a command could work:
+    no credentials is a missing setting (2); an endpoint out of reach, or AWS refusing, is a
+    failure (1). Every command says these the same way."""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return (
+            f"no AWS credentials ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE, or run with a role (web identity on EKS, an instance profile)",
+            EXIT_USAGE,
+        )
+    if isinstance(exc, BotoConnectionError):
+        endpoint = exc.kwargs.get("endpoint_url") or exc.kwargs.get("proxy_url") or "AWS"
+        return (
+            f"cannot connect to {endpoint} ({exc}): check the network, the region, and "
+            "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE> if set",
+            EXIT_FAILURE,
+        )
+    return f"AWS call failed: {exc}", EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "settings" and not args.effective:
         print(render_settings(args.format))
         return 0
     if args.command == "produce":
         return _produce_command(args)
     strict = args.strict or os.environ.get("WILDRYDES_STRICT", "").lower() in ("1", "true", "yes")
-    try:
-        loaded = load(args.config, strict=strict)
-        if args.command in ("run", "aggregate"):
-            check_deadletter_file(loaded.settings)
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    loaded = load(args.config, strict=strict)
+    if args.command in ("run", "aggregate"):
+        check_deadletter_file(loaded.settings)  # ConfigError: exit 2
     settings = loaded.settings
     if args.command == "settings":
         print(render_effective(loaded))
@@ -271,36 +364,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     for warning in loaded.warnings:
         log.warning(warning)
-    try:
-        if args.command == "run":
-            return _run_loop(_serve(settings), settings.event_loop)
-        if args.command == "aggregate":
-            return _run_loop(_aggregate(settings), settings.event_loop)
-        if args.command == "provision":
-            return _run_loop(_provision(settings, args.shards))
-        if args.command == "status":
-            return _run_loop(_status(settings, args.json))
-        if args.command == "reset":
-            from wildrydes_stream.admin.reset import Target
+    if args.command == "run":
+        return _run_loop(_serve(settings), settings.event_loop)
+    if args.command == "aggregate":
+        return _run_loop(_aggregate(settings), settings.event_loop)
+    if args.command == "provision":
+        return _run_loop(_provision(settings, args.shards))
+    if args.command == "status":
+        return _run_loop(_status(_consumer_settings(settings, args.app), args.app, args.json))
+    if args.command == "reset":
+        from wildrydes_stream.admin.reset import Target
 
-            target = Target.parse(args.to)
-            shards = None if args.all else args.shard
-            return _run_loop(_reset(settings, shards, target, args.force))
-        if args.command == "redrive":
-            redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
-            return _run_loop(redriving)
-        if args.command == "local":
-            from wildrydes_stream.local.runner import LocalOptions, run_local
+        target = Target.parse(args.to)
+        shards = None if args.all else args.shard
+        consumer = _consumer_settings(settings, args.app)
+        return _run_loop(_reset(consumer, shards, target, args.force))
+    if args.command == "redrive":
+        redriving = _redrive(settings, args.source, args.max_retry_attempts, args.application)
+        return _run_loop(redriving)
+    if args.command == "local":
+        from wildrydes_stream.local.runner import LocalOptions, run_local
 
-            options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
-            return _run_loop(run_local(settings, options))
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return 1
-    except (BotoCoreError, ClientError) as exc:
-        # Unreachable endpoint, no credentials, access denied: say which, not a traceback.
-        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
-        return 1
+        options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
+        return _run_loop(run_local(settings, options))
     raise AssertionError(args.command)
 
 
@@ -396,19 +482,7 @@ def _produce_command(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         seed=args.seed,
     )
-    try:
-        region = produce_region(args.region)
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return _run_loop(_produce(options, region))
-    except WildrydesError as exc:
-        print(f"wildrydes-stream: {exc}", file=sys.stderr)
-        return 1
-    except (BotoCoreError, ClientError) as exc:
-        print(f"wildrydes-stream: AWS call failed: {exc}", file=sys.stderr)
-        return 1
+    return _run_loop(_produce(options, produce_region(args.region)))
 
 
 def produce_region(flag: str | None) -> str:
@@ -436,12 +510,12 @@ async def _produce(options: ProduceOptions, region: str) -> int:
     return 0
 
 
-async def _status(settings: Settings, as_json: bool) -> int:
+async def _status(settings: Settings, app: str, as_json: bool) -> int:
     from wildrydes_stream.admin.status import render, status
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
-        report = await status(clients.kinesis, clients.dynamodb_control, settings)
+        report = await status(clients.kinesis, clients.dynamodb_control, settings, app)
     print(render(report, as_json))
     return 0
 
@@ -451,7 +525,9 @@ async def _reset(settings: Settings, shards: list[str] | None, target: Any, forc
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
-        changes = await reset(clients.dynamodb_control, settings, shards, target, force=force)
+        changes = await reset(
+            clients.kinesis, clients.dynamodb_control, settings, shards, target, force=force
+        )
     for change in changes or ["nothing to reset"]:
         print(change)
     return 0

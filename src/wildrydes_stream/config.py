@@ -351,6 +351,24 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+def application_of(settings: Settings) -> Literal["run", "aggregate"]:
+    """`aggregate` for the aggregator's consumer settings (aggregate/app.py consumer_settings
+    reads `raw_stream_name` under `aggregate_lease_table_name`), else `run`: messages from the
+    shared consumer core name that application's settings and commands."""
+    if (settings.stream_name, settings.lease_table_name) == (
+        settings.raw_stream_name,
+        settings.aggregate_lease_table_name,
+    ):
+        return "aggregate"
+    return "run"
+
+
+def stream_setting(settings: Settings) -> str:
+    """The setting, with its variable, that names the stream a consumer reads."""
+    name = "raw_stream_name" if application_of(settings) == "aggregate" else "stream_name"
+    return f"{name} ({ENV_PREFIX}{name.upper()})"
+
+
 def redact_url(url: str) -> str:
     """The URL as logs and messages may show it: scheme and host (with port) only, `…` for
     anything after them. Webhook URLs (Slack, Teams) carry their secret in the path or query,
@@ -431,21 +449,23 @@ def load(
     values = {name: _coerce(fields[name], value, where) for name, (value, where) in raw.items()}
     settings = _validate(Settings(**values))
     sources = {name: raw[name][1] if name in raw else "default" for name in fields}
-    warnings = _unknown_variables(environ) + _without_effect(settings, sources)
+    warnings = _unknown_variables(environ, strict) + _without_effect(settings, sources)
     if strict and warnings:
-        raise ConfigError(f"{warnings[0]} (strict: WILDRYDES_STRICT / --strict)")
+        raise ConfigError(f"{warnings[0]} (refused under --strict / WILDRYDES_STRICT)")
     return Loaded(settings, sources, warnings)
 
 
-def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+def _unknown_variables(environ: Mapping[str, str], strict: bool = False) -> list[str]:
+    # Under strict the variable is refused, not ignored: the line must not say otherwise.
+    outcome = "" if strict else " and is ignored"
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
     lines = []
     for variable in sorted(environ):
         if not variable.startswith(ENV_PREFIX) or variable in known | OTHER_VARIABLES:
             continue
         guess = difflib.get_close_matches(variable, sorted(known), n=1, cutoff=0.75)
-        hint = f"; did you mean {guess[0]}?" if guess else ""
-        lines.append(f"environment variable {variable} is not a setting and is ignored{hint}")
+        hint = f"; did you mean {guess[0]}?" if guess else ": unset it or correct its name"
+        lines.append(f"environment variable {variable} is not a setting{outcome}{hint}")
     return lines
 
 

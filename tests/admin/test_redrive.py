@@ -151,6 +151,66 @@ async def test_redrive_from_s3_deletes_written_objects_and_rewrites_the_others(
     await s3.head_object(Bucket=bucket, Key="dl/.wildrydes-stream-write-check")  # untouched
 
 
+async def test_each_entry_that_cannot_be_sent_says_why_and_lines_that_are_no_letters_stay(
+    one_shard: Settings, dynamodb: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "deadletter.jsonl"
+    await FileDestination(path, Retry(Metrics())).send(
+        LetterBatch.of(letters(one_shard.stream_name, GOOD[0], GOOD[1], GOOD[2]), "run")
+    )
+    [good, bad_base64, no_data] = file_entries(path)
+    bad_base64["data_base64"] = "not base64!"
+    del no_data["data_base64"]
+    stranger = "2026-11-28 18:04:05 a log line, never a dead letter"
+    lines = [json.dumps(good), json.dumps(bad_base64), json.dumps(no_data), stranger]
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+    report = await redrive(one_shard, str(path), max_retry_attempts=1)
+
+    assert (report.written, report.failed, report.strangers) == (1, 2, 1)
+    assert report.line() == (
+        f"redrive from {path}: 1 records written to table {one_shard.table_name}, 2 failed "
+        "again, 1 not dead-letter entries (left as they were) (the failed ones stay there)"
+    )
+    reasons = [getattr(r, "reason", None) for r in caplog.records]
+    assert "its data_base64 is not valid base64 (the entry was changed or cut short)" in reasons
+    assert any(str(r).startswith("it holds no record data (no data_base64") for r in reasons)
+    assert path.read_text().splitlines() == lines[1:]
+
+
+async def test_a_source_that_is_no_dead_letter_file_is_refused_saying_what_it_is(
+    one_shard: Settings, tmp_path: Path
+) -> None:
+    with pytest.raises(WildrydesError, match=r"is a directory: give the dead-letter file"):
+        await redrive(one_shard, str(tmp_path), max_retry_attempts=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("first line\nsecond line\n")
+    with pytest.raises(WildrydesError, match=r"holds no dead-letter entries \(2 lines"):
+        await redrive(one_shard, str(notes), max_retry_attempts=1)
+    assert notes.read_text() == "first line\nsecond line\n"
+
+
+async def test_a_missing_raw_stream_while_redriving_readings_names_raw_stream_name(
+    one_shard: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = one_shard.replace(raw_stream_name=f"{one_shard.stream_name}-never-created")
+    path = tmp_path / "deadletter.jsonl"
+    batch = LetterBatch.of(letters(settings.raw_stream_name, reading("Shadowfax", 1)), "aggregate")
+    await FileDestination(path, Retry(Metrics())).send(batch)
+
+    report = await redrive(settings, str(path), max_retry_attempts=1)
+
+    assert (report.written, report.failed) == (0, 1)
+    blocked = [
+        r.getMessage() for r in caplog.records if "PutRecords keeps failing" in r.getMessage()
+    ]
+    assert blocked, caplog.text
+    assert blocked[0].endswith(
+        f"create stream {settings.raw_stream_name} or set raw_stream_name "
+        "(WILDRYDES_RAW_STREAM_NAME)"
+    )
+
+
 async def test_redrive_command_prints_one_summary_line_and_exits_1_while_some_fail(
     one_shard: Settings, dynamodb: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:

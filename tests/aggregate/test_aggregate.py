@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import signal
 from collections.abc import AsyncIterator, Iterable
@@ -17,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from tests.faultproxy import KINESIS_THROTTLED, FaultProxy
 from tests.helpers import holds, put_records, scan_table, wait_for
@@ -439,6 +441,61 @@ async def test_aggregate_refuses_to_start_without_its_output_stream(
     code, _, stderr = await run_to_exit(service_env(s, aws_env), "aggregate")
     assert code == 1
     assert f"output Kinesis stream {s.stream_name!r} does not exist" in stderr
+
+
+async def test_aggregate_without_its_raw_stream_names_raw_stream_name(
+    settings: Settings, kinesis: Any, aws_env: dict[str, str]
+) -> None:
+    s = aggregate_settings(settings)
+    await ensure_stream(kinesis, s.stream_name, 1)
+    code, _, stderr = await run_to_exit(service_env(s, aws_env), "aggregate")
+    assert code == 1
+    assert stderr.splitlines() == [
+        f"wildrydes-stream: Kinesis stream {s.raw_stream_name!r} does not exist: create it or "
+        "set raw_stream_name (WILDRYDES_RAW_STREAM_NAME)"
+    ]
+
+
+async def test_the_aggregator_names_its_streams_and_exports_only_what_applies_to_it(
+    streams: Settings, kinesis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = streams
+    # StatusTime an hour ahead of the clock, as a simulated fleet (`local --speed 60`) runs.
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    readings = [reading("Shadowfax", ahead + timedelta(seconds=i), 1, 100, 100) for i in range(3)]
+    await put_records(kinesis, s.raw_stream_name, readings)
+
+    with caplog.at_level(logging.INFO, logger="wildrydes_stream"):
+        async with aggregating(s) as aggregator:
+            shards = aggregator.windows.aggregation.shards
+            await wait_for(holds(lambda: any(w.watermark_ms for w in shards.values())))
+            exposition = generate_latest(aggregator.metrics.registry).decode()
+            delays = [
+                metric(aggregator, "wildrydes_aggregate_watermark_delay_seconds", shard=shard)
+                for shard, windows in shards.items()
+                if windows.watermark_ms is not None
+            ]
+
+    [started] = [r for r in caplog.records if r.getMessage() == "service started"]
+    assert started.stream == s.raw_stream_name  # type: ignore[attr-defined]
+    assert started.output_stream == s.stream_name  # type: ignore[attr-defined]
+    assert started.lease_table == s.aggregate_lease_table_name  # type: ignore[attr-defined]
+    assert not hasattr(started, "table")  # it writes no table
+    # The table writers' series do not apply to it.
+    for absent in (
+        "wildrydes_records_written_total",
+        "wildrydes_batch_write_duration_seconds",
+        "wildrydes_unprocessed_items_retried_total",
+        "wildrydes_write_concurrency_limit",
+        "wildrydes_end_to_end_latency_seconds",
+        'reason="rejected_by_table"',
+        'api="BatchWriteItem"',
+    ):
+        assert absent not in exposition
+    assert 'wildrydes_blocked{api="PutRecords"} 0.0' in exposition
+    assert 'wildrydes_records_dead_lettered_total{reason="late"} 0.0' in exposition
+    # Event time ahead of the clock is no delay (it read -3,600 here).
+    assert delays == [0.0]
 
 
 # --- the state stored with a checkpoint, alone ------------------------------------------------

@@ -11,6 +11,8 @@ import os
 import random
 import re
 import signal
+import socket
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,6 +177,54 @@ async def test_without_any_region_it_says_how_to_set_one(
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert "no AWS region" in stderr
+
+
+async def test_an_endpoint_it_cannot_connect_to_fails_at_once_as_run_does(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = bare_env(**{**aws_env, "AWS_ENDPOINT_URL_KINESIS": endpoint})
+    started = time.monotonic()
+
+    # No --count or --duration: before, it retried until Ctrl-C and then exited 0.
+    code, stdout, stderr = await run_to_exit(env, "produce", timeout=20)
+
+    assert time.monotonic() - started < 15
+    assert (code, stdout) == (1, "")
+    [line] = stderr.splitlines()
+    assert line.startswith(f"wildrydes-stream: cannot connect to {endpoint}/"), line
+    run_env = {**env, "WILDRYDES_HTTP_PORT": "0", "WILDRYDES_HTTP_HOST": "127.0.0.1"}
+    run_env["WILDRYDES_DEADLETTER_FILE"] = str(tmp_path / "deadletter.jsonl")
+    assert (await run_to_exit(run_env, "run"))[::2] == (1, stderr)
+
+
+async def test_a_reader_that_goes_away_stops_it_quietly_and_no_reading_is_put_twice(
+    kinesis: Any, aws_env: dict[str, str]
+) -> None:
+    """`produce | head -c 3`: the dots cannot be printed any more. That is no failed put:
+    before, it retried the same reading for ever, putting it again each time."""
+    stream = await new_stream(kinesis)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first dot
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [PYTHON, "-m", "wildrydes_stream", "produce", "-stream", stream, "--count", "5"],
+            env=bare_env(**aws_env),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+    assert (done.returncode, done.stderr.decode()) == (0, "")
+    times = [json.loads(r["Data"])["StatusTime"] for r in await read_stream(kinesis, stream)]
+    assert 1 <= len(times) <= 5
+    assert len(set(times)) == len(times)
 
 
 # --- fleets, simulated time, stopping -----------------------------------------------------

@@ -77,6 +77,8 @@ class Report:
     failed: int = 0
     left: int = 0
     """Letters of another application than `--application` names: not sent, they stay."""
+    strangers: int = 0
+    """Lines (messages) that are not dead-letter entries at all: left as they were."""
 
     @property
     def written(self) -> int:
@@ -88,6 +90,8 @@ class Report:
         else:
             where = "the failed ones stay there" if self.failed else "nothing left"
         unsent = f", {self.left} of other applications not sent" if self.left else ""
+        if self.strangers:
+            unsent += f", {self.strangers} not dead-letter entries (left as they were)"
         return (
             f"redrive from {self.source}: {self._written()}, {self.failed} failed again"
             f"{unsent} ({where})"
@@ -120,8 +124,17 @@ async def redrive(
         else:
             origin = FileSource(Path(source))
         held: Counter[tuple[str, str]] = Counter()
+        strangers = 0
         async for values in origin.survey():
-            held.update(kind for kind in (kind_of(v, settings) for v in values) if kind)
+            kinds = [kind_of(v, settings) for v in values]
+            held.update(kind for kind in kinds if kind)
+            strangers += kinds.count(None)
+        if strangers and not held:
+            raise WildrydesError(
+                f"--from {source} holds no dead-letter entries ({strangers} lines or messages, "
+                "none a JSON entry with a stream): nothing was sent; give the destination "
+                "deadletter_file, deadletter_queue_url or deadletter_s3_uri names"
+            )
         plan = Plan.of(held, settings, source, application)
         report = Report(source, {target.label: 0 for target in plan.expected})
         async with Writers(clients, settings) as writers:
@@ -416,19 +429,17 @@ class Redriver:
         records: list[tuple[str, StreamRecord]] = []
         sent: dict[int, tuple[Target, _Ack, tuple[str, int]]] = {}
         for index, value in enumerate(values):
-            if value is None:
-                self._stays("not a dead-letter entry")
+            if value is None or kind_of(value, self._settings) is None:
+                self._stranger()
                 continue
             target = self._plan.target(value)
             if target is None:
-                if kind_of(value, self._settings) is None:
-                    self._stays("not a dead-letter entry")
-                else:  # another application's (--application), or one sent since the survey
-                    self.report.left += 1
+                # Another application's (--application), or one sent since the survey.
+                self.report.left += 1
                 continue
             data = await self._payloads.of(value)
             if data is None:
-                self._stays("the entry holds no record data")
+                self._stays(_no_data(value))
                 continue
             try:
                 key, item = self._decode(target, data)
@@ -469,6 +480,24 @@ class Redriver:
     def _stays(self, reason: str) -> None:
         self.report.failed += 1
         log.warning("dead letter cannot be written, it stays", extra={"reason": reason})
+
+    def _stranger(self) -> None:
+        # Never a dead letter (not JSON, or no `stream`): not a failure of this run.
+        self.report.strangers += 1
+        log.warning("not a dead-letter entry, left as it was")
+
+
+def _no_data(value: Entry) -> str:
+    """Why an entry gave no record to send."""
+    if isinstance(value.get("data_base64"), str):
+        return "its data_base64 is not valid base64 (the entry was changed or cut short)"
+    uri = value.get("data_s3_uri")
+    if isinstance(uri, str):
+        return (
+            f"the S3 object it points at ({uri}, line {value.get('data_s3_line')}) is gone or "
+            "no longer holds its record"
+        )
+    return "it holds no record data (no data_base64, data or data_s3_uri: the record was not kept)"
 
 
 # --- sources: read once to plan the run, then redriven ------------------------------------
@@ -638,11 +667,19 @@ async def _aws_pages(what: str, pages: Any) -> AsyncIterator[Any]:
 
 
 def _read(path: Path) -> bytes:
+    if path.is_dir():
+        raise WildrydesError(
+            f"--from {path} is a directory: give the dead-letter file in it (deadletter_file "
+            "names it)"
+        )
     if not path.is_file():  # locked() would create it
         raise WildrydesError(f"--from {path}: no such file")
-    with locked(path) as handle:
-        handle.seek(0)
-        return handle.read()
+    try:
+        with locked(path) as handle:
+            handle.seek(0)
+            return handle.read()
+    except OSError as exc:
+        raise WildrydesError(f"--from {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def _rewrite(path: Path, snapshot: bytes, kept: bytes) -> None:

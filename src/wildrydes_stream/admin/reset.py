@@ -6,49 +6,29 @@ makes the running owner drop the shard at its next renewal), then moves the chec
 releases the lease, so the next worker to take it starts exactly there. Every write is
 conditional on the counter read, so a lease that moves meanwhile is reported, not clobbered.
 The application state stored with the old checkpoint (open windows, alert states) is removed:
-it belongs to that position.
+it belongs to that position. A position a chosen shard cannot be read from (target.py) is
+refused before anything moves.
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.admin.liveness import scan_twice
-from wildrydes_stream.config import Settings, _parse_timestamp
-from wildrydes_stream.consumer.lease import AT_TIMESTAMP, SHARD_END, Lease
+from wildrydes_stream.admin.target import AT_TIMESTAMP, Target, check
+from wildrydes_stream.config import Settings
+from wildrydes_stream.consumer.lease import SHARD_END, Lease
 from wildrydes_stream.consumer.leases import LeaseTable
-from wildrydes_stream.errors import ConfigError, WildrydesError
+from wildrydes_stream.errors import WildrydesError
 
-
-@dataclass(frozen=True)
-class Target:
-    """Where to move a checkpoint: a sentinel, a sequence number (reading resumes after it,
-    as a checkpoint means), or a moment (AT_TIMESTAMP with its time recorded)."""
-
-    checkpoint: str
-    moment_ms: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        if text in ("TRIM_HORIZON", "LATEST"):
-            return cls(text)
-        if text.isdigit():
-            return cls(text)
-        try:
-            moment: datetime = _parse_timestamp(text, "--to")
-        except ConfigError:
-            raise ConfigError(
-                f"--to {text!r} is not TRIM_HORIZON, LATEST, a sequence number or an ISO 8601 time"
-            ) from None
-        return cls(AT_TIMESTAMP, int(moment.timestamp() * 1000))
+__all__ = ["Target", "reset"]
 
 
 async def reset(
+    kinesis: Any,
     dynamodb: Any,
     settings: Settings,
     shards: list[str] | None,
@@ -56,10 +36,13 @@ async def reset(
     *,
     force: bool,
 ) -> list[str]:
-    """Move the checkpoints of `shards` (None: every unfinished shard); one line per change."""
+    """Move the checkpoints of `shards` (None: every unfinished shard); one line per change.
+    A target some chosen shard cannot be read from is refused (ConfigError) before any moves."""
     table = LeaseTable(dynamodb, settings.lease_table_name, f"reset-{socket.gethostname()}")
     leases, alive = await scan_twice(table, settings.lease_duration_seconds)
     chosen = _choose(leases, shards)
+    for lease in chosen:
+        await check(kinesis, settings.stream_name, lease.shard_id, target)
     live = [lease for lease in chosen if lease.owner and lease.owner in alive]
     if live and not force:
         held = ", ".join(f"{lease.shard_id} ({lease.owner})" for lease in live)
@@ -102,7 +85,8 @@ def _choose(leases: dict[str, Lease], shards: list[str] | None) -> list[Lease]:
 
 
 async def _move(dynamodb: Any, table: LeaseTable, lease: Lease, target: Target) -> str:
-    before = lease.checkpoint
+    since = lease.starting_ms if lease.checkpoint == AT_TIMESTAMP else None
+    before = str(Target(lease.checkpoint, since))
     values: dict[str, Any] = {
         ":cp": {"S": target.checkpoint},
         ":zero": {"N": "0"},
@@ -143,4 +127,4 @@ async def _move(dynamodb: Any, table: LeaseTable, lease: Lease, target: Target) 
             raise _Moved from None
         raise
     owner = f" (taken from {lease.owner})" if lease.owner else ""
-    return f"{lease.shard_id}: {before} -> {target.checkpoint}{owner}"
+    return f"{lease.shard_id}: {before} -> {target}{owner}"

@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from wildrydes_stream.admin.liveness import scan_twice
-from wildrydes_stream.config import Settings
+from wildrydes_stream.aws.retry import error_code
+from wildrydes_stream.config import Settings, stream_setting
 from wildrydes_stream.consumer.lease import SHARD_END, Lease
 from wildrydes_stream.consumer.leases import LeaseTable
+from wildrydes_stream.errors import MissingResourceError
 from wildrydes_stream.source.shards import Shard, list_shards
 
 
@@ -30,10 +34,14 @@ class ShardStatus:
     behind_ms: int | None
     oldest_unread_age_s: float | None
     parents: list[str]
+    problem: str | None = None
+    """Why the shard cannot be read from its checkpoint (Kinesis refuses it), if so."""
 
 
 @dataclass
 class Status:
+    application: str
+    """`run` or `aggregate`: whose consumer this is."""
     stream: str
     lease_table: str
     shards: list[ShardStatus]
@@ -42,8 +50,16 @@ class Status:
     alive: list[str]
 
 
-async def status(kinesis: Any, dynamodb: Any, settings: Settings) -> Status:
-    shards = await list_shards(kinesis, settings.stream_name)
+async def status(kinesis: Any, dynamodb: Any, settings: Settings, application: str) -> Status:
+    """`settings` as the application's consumer reads: for `aggregate`, the raw stream and
+    its own lease table (aggregate/app.py consumer_settings)."""
+    try:
+        shards = await list_shards(kinesis, settings.stream_name)
+    except MissingResourceError:
+        raise MissingResourceError(
+            f"Kinesis stream {settings.stream_name!r} does not exist: create it or set "
+            f"{stream_setting(settings)}"
+        ) from None
     table = LeaseTable(dynamodb, settings.lease_table_name, "status")
     leases, alive = await scan_twice(table, settings.lease_duration_seconds)
     rows = [
@@ -54,6 +70,7 @@ async def status(kinesis: Any, dynamodb: Any, settings: Settings) -> Status:
         if lease.owner:
             workers.setdefault(lease.owner, []).append(lease.shard_id)
     return Status(
+        application,
         settings.stream_name,
         settings.lease_table_name,
         rows,
@@ -68,7 +85,18 @@ async def _shard_status(
     done = lease is not None and lease.checkpoint == SHARD_END
     state = "done" if done else "closed" if shard.closed else "open"
     owner = lease.owner if lease else None
-    behind, oldest = (None, None) if done else await _lag(kinesis, settings, shard, lease)
+    behind, oldest, problem = (None, None, None)
+    if not done:
+        try:
+            behind, oldest = await _lag(kinesis, settings, shard, lease)
+        except ClientError as exc:
+            if error_code(exc) != "InvalidArgumentException":
+                raise
+            # A checkpoint the worker cannot start at either (it retries it for ever).
+            problem = (
+                f"Kinesis refuses the checkpoint ({exc.response['Error'].get('Message', '')}): "
+                "move it with `reset`"
+            )
     return ShardStatus(
         shard.shard_id,
         state,
@@ -78,6 +106,7 @@ async def _shard_status(
         behind,
         oldest,
         list(shard.parents),
+        problem,
     )
 
 
@@ -113,7 +142,7 @@ def render(report: Status, as_json: bool) -> str:
     if as_json:
         return json.dumps(asdict(report), indent=2)
     lines = [
-        f"stream {report.stream}, lease table {report.lease_table}",
+        f"{report.application}: stream {report.stream}, lease table {report.lease_table}",
         "",
         f"{'SHARD':24} {'STATE':7} {'OWNER':28} {'ALIVE':6} {'BEHIND':>9} {'UNREAD AGE':>11} "
         "PARENTS  CHECKPOINT",
@@ -126,6 +155,8 @@ def render(report: Status, as_json: bool) -> str:
             f"{row.shard:24} {row.state:7} {row.owner or '-':28} {alive:6} {behind:>9} "
             f"{age:>11} {','.join(row.parents) or '-':8} {row.checkpoint or '-'}"
         )
+        if row.problem:
+            lines.append(f"  {row.shard}: {row.problem}")
     lines += ["", f"{'WORKER':28} {'ALIVE':6} SHARDS"]
     for owner, held in report.workers.items():
         alive = "yes" if owner in report.alive else "NO"

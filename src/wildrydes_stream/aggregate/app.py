@@ -35,6 +35,7 @@ from wildrydes_stream.errors import MissingResourceError
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey, Tenure
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
+from wildrydes_stream.sink.kinesis import API as PUT_API
 from wildrydes_stream.sink.kinesis import StreamRecord, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -378,4 +379,14 @@ class Aggregator(Consumer):
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.windows = WindowAggregation(settings)
         super().__init__(consumer_settings(settings), self.windows, registry)
+        self.metrics.for_stream_output(PUT_API)  # from the first scrape on, no table series
         self.output_stream = settings.stream_name
+
+    def endpoints(self) -> dict[str, str]:
+        # It reads the raw stream and puts on the aggregated one; it writes no table.
+        s = self.settings
+        return {
+            "stream": s.stream_name,
+            "output_stream": self.output_stream,
+            "lease_table": s.lease_table_name,
+        }

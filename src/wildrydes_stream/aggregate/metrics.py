@@ -78,7 +78,8 @@ class AggregateMetrics:
         self._registry = r
 
     def watch_watermarks(self, watermarks: Callable[[], Iterable[tuple[str, float]]]) -> None:
-        """Expose now minus each owned shard's watermark (epoch seconds), at scrape time."""
+        """Expose how far each owned shard's watermark (epoch seconds) trails now, at scrape
+        time."""
         self._registry.register(_WatermarkDelay(watermarks))
 
 
@@ -89,11 +90,14 @@ class _WatermarkDelay(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             f"{NAMESPACE}_aggregate_watermark_delay_seconds",
-            "Wall time now minus the shard's watermark (latest StatusTime read minus "
-            "allowed_lateness_seconds): how far event time on the shard trails the clock.",
+            "How far the shard's watermark (its furthest unicorn's latest StatusTime minus "
+            "allowed_lateness_seconds) trails this process's clock: about how long after a "
+            "window ends it is put. 0 while the readings' StatusTime runs ahead of the clock "
+            "(a simulated fleet, as `local --speed` runs, or a producer clock that is fast).",
             labels=["shard"],
         )
         now = time.time()
         for shard, watermark in self._watermarks():
-            family.add_metric([shard], now - watermark)
+            # Event time ahead of the clock is no delay: a negative value would read as one.
+            family.add_metric([shard], max(0.0, now - watermark))
         yield family

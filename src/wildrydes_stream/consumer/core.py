@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from wildrydes_stream.aws.clients import AwsClients
 from wildrydes_stream.aws.lean import DynamoDBData
-from wildrydes_stream.config import Settings
+from wildrydes_stream.config import Settings, stream_setting
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.consumer.state import ShardState
 from wildrydes_stream.consumer.statestore import StateStore
@@ -217,14 +217,19 @@ class Consumer:
         log.info(
             "service started",
             extra={
-                "stream": s.stream_name,
-                "table": s.table_name,
+                **self.endpoints(),
                 "owner": s.owner,
                 "http_port": self.http.port,
                 # The loop actually running (uvloop's is uvloop.Loop): the event_loop setting.
                 "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
+
+    def endpoints(self) -> dict[str, str]:
+        """Where records come from and go, as the start line names them (an application
+        with another destination says so)."""
+        s = self.settings
+        return {"stream": s.stream_name, "table": s.table_name, "lease_table": s.lease_table_name}
 
     def _destinations(self, clients: AwsClients) -> list[Destination]:
         s = self.settings
@@ -247,7 +252,7 @@ class Consumer:
             if exc.response["Error"]["Code"] == "ResourceNotFoundException":
                 raise MissingResourceError(
                     f"Kinesis stream {s.stream_name!r} does not exist: create it or set "
-                    "stream_name (WILDRYDES_STREAM_NAME)"
+                    f"{stream_setting(s)}"
                 ) from None
             raise
 

@@ -38,6 +38,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # increment is seen by increase() and rate() instead of being the series' first sample.
 DEAD_LETTER_KINDS = ("invalid_record", "rejected_by_table", "retries", "record_age")
 DATA_APIS = ("GetRecords", "GetShardIterator", "BatchWriteItem")
+BLOCKED_CAUSES = ("permission", "credentials", "missing", "other")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -159,7 +160,7 @@ class Metrics:
         )
         for api in ("BatchWriteItem", "GetRecords", "GetShardIterator"):
             self.blocked.labels(api).set(0)
-            for cause in ("permission", "credentials", "missing", "other"):
+            for cause in BLOCKED_CAUSES:
                 self.blocked_errors.labels(api, cause)
         self.subscriptions = Counter(
             "fanout_subscriptions_total",
@@ -248,6 +249,27 @@ class Metrics:
             self.errors.labels(api)
         for outcome in ("ok", "error"):
             self.batch_write_seconds.labels(outcome)
+
+    def for_stream_output(self, api: str) -> None:
+        """For an application that puts on a stream with `api` and writes no table
+        (`aggregate`): its /metrics carries none of the table writers' series, and `api` where
+        they had BatchWriteItem (exported at 0 from the start, as those were)."""
+        for metric in (
+            self.records_written,
+            self.batch_write_seconds,
+            self.unprocessed_retried,
+            self.write_concurrency_limit,
+            self.end_to_end_seconds,
+        ):
+            self.registry.unregister(metric)
+        self.records_dead_lettered.remove("rejected_by_table")
+        for family in (self.throttles, self.errors, self.blocked):
+            family.remove("BatchWriteItem")
+            family.labels(api)
+        for cause in BLOCKED_CAUSES:
+            self.blocked_errors.remove("BatchWriteItem", cause)
+            self.blocked_errors.labels(api, cause)
+        self.blocked.labels(api).set(0)
 
     def snapshot(self) -> Snapshot:
         """Totals across labels, for summaries and tests."""

@@ -9,7 +9,8 @@ One unicorn goes out with PutRecord, as the workshop's Go producer did (so the I
 it needed still suffices); a fleet with PutRecords in batches of up to 500. Throttling and
 transient faults are retried with capped exponential backoff, and only the entries that failed
 are sent again, so each reading lands once. Anything else (a missing stream, no permission,
-bad credentials) stops the run with one line saying what.
+bad credentials, an endpoint it cannot connect to before the first record is in) stops the run
+with one line saying what.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from random import Random
 from typing import Any, TextIO
 
 from botocore.exceptions import ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from wildrydes_stream.aws.retry import (
     THROTTLING_CODES,
@@ -141,14 +143,17 @@ class Producer:
         pending = list(readings)
         attempt = 0
         while True:
+            waiting = len(pending)
             try:
                 pending = await self._send(pending)
             except ClientError as exc:
                 if fault_of(exc) not in ("throttle", "transient"):
                     raise self._fatal(exc) from None
             except Exception as exc:
-                if fault_of(exc) != "transient":
+                if fault_of(exc) != "transient" or self._unreachable(exc):
                     raise
+            # Outside the try: stdout failing (a closed pipe) is not a failed put to retry.
+            self._done(waiting - len(pending))
             if not pending:
                 return
             if self._stop.is_set():
@@ -158,6 +163,12 @@ class Producer:
             attempt += 1
             self.stats.retries += 1
 
+    def _unreachable(self, exc: BaseException) -> bool:
+        """No connection before anything was put: a wrong endpoint or region, or no network.
+        Retrying would only hide it (the run would print nothing but a summary at Ctrl-C);
+        once records went in, a connection failing is a blip and is retried."""
+        return self.stats.put == 0 and isinstance(exc, BotoConnectionError)
+
     async def _send(self, readings: list[Reading]) -> list[Reading]:
         """One call; returns the readings still to put."""
         stream = self._options.stream
@@ -166,7 +177,6 @@ class Producer:
             await self._kinesis.put_record(
                 StreamName=stream, Data=reading.encode(), PartitionKey=reading.name
             )
-            self._done(1)
             return []
         response = await self._kinesis.put_records(
             StreamName=stream,
@@ -183,7 +193,6 @@ class Producer:
                     f"{code}: {result.get('ErrorMessage', '')}"
                 )
             failed.append(reading)
-        self._done(len(readings) - len(failed))
         return failed
 
     def _done(self, records: int) -> None:

@@ -278,7 +278,10 @@ class StreamWriter:
         if fault == "credentials":
             return "check the AWS credentials (IRSA role, AWS_* variables) and the clock"
         if fault == "missing":
-            return f"create stream {stream} or set stream_name (WILDRYDES_STREAM_NAME)"
+            # `redrive` puts readings back onto the raw stream with this writer too.
+            raw = stream == self._settings.raw_stream_name
+            setting = "raw_stream_name" if raw else "stream_name"
+            return f"create stream {stream} or set {setting} (WILDRYDES_{setting.upper()})"
         return "records are held and retried; nothing is dead-lettered for it"
 
     async def _sleep(self, failures: int) -> None:

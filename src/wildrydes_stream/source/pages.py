@@ -21,9 +21,10 @@ from wildrydes_stream.aws.retry import (
     BLOCKING_FAULTS,
     backoff_delay,
     describe_error,
+    error_code,
     fault_of,
 )
-from wildrydes_stream.config import Settings
+from wildrydes_stream.config import Settings, application_of, stream_setting
 from wildrydes_stream.errors import RecordError
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
@@ -231,7 +232,9 @@ class ShardReader:
             envelopes.append(Envelope(shard_id, at, key, item, arrival, data, progress))
         return envelopes, bad
 
-    async def _back_off(self, api: str, exc: BaseException, attempt: int) -> int:
+    async def _back_off(
+        self, api: str, exc: BaseException, attempt: int, position: str | None = None
+    ) -> int:
         fault = fault_of(exc)
         if fault == "throttle":
             self._metrics.throttles.labels(api).inc()
@@ -239,10 +242,7 @@ class ShardReader:
             self._metrics.errors.labels(api).inc()
         if fault in BLOCKING_FAULTS:
             self._blocked.failed(
-                api,
-                fault,
-                f"{describe_error(exc)} -> check kinesis:{api} on stream "
-                f"{self._settings.stream_name} (stream_name, the role's policy)",
+                api, fault, f"{describe_error(exc)} -> {self._remedy(api, exc, position)}"
             )
         else:
             log.debug("retrying %s", api, extra={"shard": self.shard_id, "error": str(exc)})
@@ -251,6 +251,23 @@ class ShardReader:
             self._stopping, backoff_delay(attempt, s.backoff_base_seconds, s.backoff_max_seconds)
         )
         return attempt + 1
+
+    def _remedy(self, api: str, exc: BaseException, position: str | None) -> str:
+        s = self._settings
+        if position is not None and error_code(exc) == "InvalidArgumentException":
+            # Kinesis refuses where the lease says to start (a sequence number of no or another
+            # shard, a future time): no policy fixes that, moving the checkpoint does.
+            app = " --app aggregate" if application_of(s) == "aggregate" else ""
+            return (
+                f"the checkpoint of {self.shard_id} in lease table {s.lease_table_name} "
+                f"({position}) cannot be read from: move it with `wildrydes-stream reset{app} "
+                f"--shard {self.shard_id} --to TRIM_HORIZON` (or LATEST, a time, a sequence "
+                "number of the shard)"
+            )
+        return (
+            f"check kinesis:{api} on stream {s.stream_name} ({stream_setting(s)}, the role's "
+            "policy)"
+        )
 
 
 def _wake(sleeper: asyncio.Future[None]) -> None:

@@ -202,7 +202,8 @@ class ShardPoller(ShardReader):
             except Exception as exc:
                 # Every fault is retried (a permission fixed, a stream recreated); the blocked
                 # ones are reported so an operator sees them.
-                attempt = await self._back_off("GetShardIterator", exc, attempt)
+                where = f"{position} {kwargs['Timestamp']}" if "Timestamp" in kwargs else position
+                attempt = await self._back_off("GetShardIterator", exc, attempt, where)
                 if self._stopping.is_set():
                     raise _Stopped from None
                 continue

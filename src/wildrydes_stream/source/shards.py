@@ -30,7 +30,8 @@ async def list_shards(client: Any, stream_name: str) -> list[Shard]:
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ResourceNotFoundException":
                 raise MissingResourceError(
-                    f"Kinesis stream {stream_name!r} does not exist (setting stream_name)"
+                    f"Kinesis stream {stream_name!r} does not exist: create it, or set "
+                    "stream_name (run) or raw_stream_name (aggregate)"
                 ) from None
             raise
         for raw in response.get("Shards", []):
