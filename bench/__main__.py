@@ -511,11 +511,18 @@ def print_latency(runs: list[latency.Latency]) -> None:
 
 
 def scale_summary(s: scale.Scale) -> dict[str, Any]:
-    prefix = f"scale_{s.shards}" + ("_fanout" if s.read_mode == "fanout" else "")
+    fanout = s.read_mode == "fanout"
+    prefix = f"scale_{s.shards}" + ("_fanout" if fanout else "")
+    calls = "idle_events_per_second" if fanout else "idle_get_records_per_second"
+    per_second = (
+        s.idle_calls_per_second.get("SubscribeToShardEvent", 0.0)
+        if fanout
+        else (s.idle_get_records_per_second)
+    )
     return {
         f"{prefix}_peak_rss_mb": round(s.peak_rss_mb, 1),
         f"{prefix}_idle_core_percent": round(s.idle_core_percent, 2),
-        f"{prefix}_idle_get_records_per_second": round(s.idle_get_records_per_second, 1),
+        f"{prefix}_{calls}": round(per_second, 1),
         prefix: s.figures(),
     }
 
