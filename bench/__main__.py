@@ -29,6 +29,12 @@ acknowledged to the item's BatchWriteItem answered by dynalite (a recording prox
 it), 4 shards, 200 records a second for 30 s, with default polling and again with
 `idle_poll_interval_seconds=0.2`; each run on fresh emulators.
 
+Enhanced fan-out (`--skip-fanout` to leave out): the scale run again with `read_mode=fanout`
+(256 subscriptions to the local SubscribeToShard server of the tests, tests/fanoutserver.py,
+which sends an empty event every 5 s on an idle shard, as AWS does at least), and a latency run
+with `read_mode=fanout` on that server fed by the kinesalite stream and told of every put, so it
+pushes at once (`scale_256_fanout_idle_core_percent`, `latency_fanout_p99_s`).
+
 `--set` overrides apply to the throughput runs only; scale and latency use the defaults.
 
 Aggregator (bench/aggregate.py, `--skip-aggregate` to leave out): `aggregate` beside the
@@ -192,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="per-second readings for the aggregator on kinesalite (0: skip)",
     )
     parser.add_argument(
+        "--skip-fanout",
+        action="store_true",
+        help="leave out the enhanced fan-out scale and latency runs",
+    )
+    parser.add_argument(
         "--skip-state-cost",
         action="store_true",
         help="leave out what an aggregator checkpoint writes at 100, 1,000, 5,000 unicorns",
@@ -234,22 +245,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile=args.profile,
         )
         ok = ok and aggregate.ok(aggregated)
-    scaled: scale.Scale | None = None
+    scales: list[scale.Scale] = []
     if not args.skip_scale:
         records = args.scale_records or 40 * args.scale_shards
-        try:
-            scaled = asyncio.run(
-                scale.measure(args.scale_shards, records, args.record_bytes, args.idle_seconds)
-            )
-        except Exception as exc:  # a figure missing, not the whole bench
-            print(f"scale: FAILED: {type(exc).__name__}: {exc}", flush=True)
-        ok = ok and scaled is not None and scaled.caught_up
+        for mode in ("polling",) + (() if args.skip_fanout else ("fanout",)):
+            try:
+                scales.append(
+                    asyncio.run(
+                        scale.measure(
+                            args.scale_shards,
+                            records,
+                            args.record_bytes,
+                            args.idle_seconds,
+                            read_mode=mode,
+                        )
+                    )
+                )
+            except Exception as exc:  # a figure missing, not the whole bench
+                print(f"scale ({mode}): FAILED: {type(exc).__name__}: {exc}", flush=True)
+        ok = ok and len(scales) == (1 if args.skip_fanout else 2)
+        ok = ok and all(s.caught_up for s in scales)
     latencies: list[latency.Latency] = []
     if not args.skip_latency:
+        runs = ["default", "low"] + ([] if args.skip_fanout else ["fanout"])
         try:
             latencies = asyncio.run(
                 latency.measure_runs(
-                    ["default", "low"],
+                    runs,
                     latency.SHARDS,
                     args.latency_rate,
                     args.latency_seconds,
@@ -258,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except Exception as exc:  # a figure missing, not the whole bench
             print(f"latency: FAILED: {type(exc).__name__}: {exc}", flush=True)
-        ok = ok and len(latencies) == 2 and all(r.written == r.records for r in latencies)
+        ok = ok and len(latencies) == len(runs) and all(r.written == r.records for r in latencies)
     if results:
         print()
         print_table(results)
@@ -270,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             print("Where the aggregator's CPU goes (canned, cProfile, own time):")
             aggregate.print_profile(os.path.join(args.profile, "aggregate-aggregate.prof"))
-    if scaled is not None:
+    for scaled in scales:
         print()
         print_scale(scaled)
     if latencies:
@@ -284,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in statecost.main([]):
             out[f"state_checkpoint_wcu_{row['unicorns']}_unicorns"] = row["checkpoint_write_units"]
             out[f"state_full_copy_wcu_{row['unicorns']}_unicorns"] = row["full_copy_write_units"]
-    if scaled is not None:
+    for scaled in scales:
         out.update(scale_summary(scaled))
     for run in latencies:
         out.update(latency_summary(run))
@@ -481,21 +503,28 @@ def print_table(results: list[Result]) -> None:
 
 def print_scale(s: scale.Scale) -> None:
     calls = ", ".join(f"{op} {rate:.1f}/s" for op, rate in sorted(s.idle_calls_per_second.items()))
+    fanout = s.read_mode == "fanout"
+    how = f", fan-out ({s.heartbeat_seconds:g} s heartbeat)" if fanout else ""
     print(
-        f"scale: {s.shards} shards in one process, {s.records} records of ~{s.record_bytes} B: "
+        f"scale: {s.shards} shards in one process{how}, {s.records} records of "
+        f"~{s.record_bytes} B: "
         f"caught up in {s.catch_up_seconds:.1f} s ({s.catch_up_cpu_seconds:.2f} s CPU)"
     )
     print(f"  peak RSS              {s.peak_rss_mb:8.1f} MiB   (target < 300 MB)")
     print(
         f"  idle CPU              {s.idle_core_percent:8.1f} %     of one core over "
-        f"{s.idle_seconds:.0f} s (target < 5%)"
+        f"{s.idle_seconds:.0f} s (target < {2 if fanout else 5}%)"
     )
-    print(f"  idle GetRecords       {s.idle_get_records_per_second:8.1f} /s    ({calls})")
+    if fanout:
+        events = s.idle_calls_per_second.get("SubscribeToShardEvent", 0.0)
+        print(f"  idle events pushed    {events:8.1f} /s    ({calls})")
+    else:
+        print(f"  idle GetRecords       {s.idle_get_records_per_second:8.1f} /s    ({calls})")
     print(f"  RSS at end of idle    {s.idle_rss_mb:8.1f} MiB")
 
 
 def print_latency(runs: list[latency.Latency]) -> None:
-    targets = {"default": "<= 1.2 s", "low": "<= 0.3 s"}
+    targets = {"default": "<= 1.2 s", "low": "<= 0.3 s", "fanout": "<= 0.2 s"}
     header = (
         f"{'latency':8} {'idle poll':>9} {'records':>8} {'p50 s':>7} {'p90 s':>7} "
         f"{'p99 s':>7} {'max s':>7}  target p99"
@@ -504,23 +533,37 @@ def print_latency(runs: list[latency.Latency]) -> None:
     print("-" * len(header))
     for r in runs:
         print(
-            f"{r.run:8} {r.idle_poll_interval_seconds:>8g}s {r.records:>8} "
+            f"{r.run:8} "
+            + (f"{'push':>9}" if r.run == "fanout" else f"{r.idle_poll_interval_seconds:>8g}s")
+            + f" {r.records:>8} "
             f"{r.percentile(50):>7.3f} {r.percentile(90):>7.3f} {r.percentile(99):>7.3f} "
             f"{r.percentile(100):>7.3f}  {targets.get(r.run, '')}"
             + (f"  {r.records - r.written} NOT WRITTEN" if r.written != r.records else "")
         )
     print(
         f"latency: PutRecords acknowledged -> BatchWriteItem answered by dynalite; "
-        f"{runs[0].shards} shards, {runs[0].rate:g} records/s for {runs[0].duration:g} s a run."
+        f"{runs[0].shards} shards, {runs[0].rate:g} records/s for {runs[0].duration:g} s a run"
+        + (
+            "; fanout: the local SubscribeToShard server, pushing on put."
+            if any(r.run == "fanout" for r in runs)
+            else "."
+        )
     )
 
 
 def scale_summary(s: scale.Scale) -> dict[str, Any]:
-    prefix = f"scale_{s.shards}"
+    fanout = s.read_mode == "fanout"
+    prefix = f"scale_{s.shards}" + ("_fanout" if fanout else "")
+    calls = "idle_events_per_second" if fanout else "idle_get_records_per_second"
+    per_second = (
+        s.idle_calls_per_second.get("SubscribeToShardEvent", 0.0)
+        if fanout
+        else (s.idle_get_records_per_second)
+    )
     return {
         f"{prefix}_peak_rss_mb": round(s.peak_rss_mb, 1),
         f"{prefix}_idle_core_percent": round(s.idle_core_percent, 2),
-        f"{prefix}_idle_get_records_per_second": round(s.idle_get_records_per_second, 1),
+        f"{prefix}_{calls}": round(per_second, 1),
         prefix: s.figures(),
     }
 

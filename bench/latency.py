@@ -9,6 +9,13 @@ service as `python -m wildrydes_stream run` in a child process with its default 
 for `idle_poll_interval_seconds`: 1 s (the default) in the `default` run, `--low-idle-poll`
 (0.2 s) in the `low` run. Each run has fresh emulators.
 
+The `fanout` run reads with `read_mode=fanout` from the local SubscribeToShard server of the
+tests (tests/fanoutserver.py: HTTP/2 cleartext, real event-stream frames) in this process, fed
+by the kinesalite stream (KinesisFeed) and told of every PutRecords as it is acknowledged, so it
+pushes at once, as Kinesis does (AWS gives ~70 ms average propagation; the server here adds a
+GetRecords on kinesalite). Without records it sends an empty event every
+`FANOUT_HEARTBEAT_SECONDS` (5 s, as AWS does at least).
+
 A producer puts `--rate` records a second (ten PutRecords a second, every record a key of its
 own) and notes when each PutRecords returned. Records put before every shard has had one of
 its records written are the warm-up and not counted; then `--duration` seconds of records are
@@ -26,10 +33,12 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.fanoutserver import FanoutServer, KinesisFeed
 from tests.faultproxy import FaultProxy
 from tests.process import ServiceProcess
 from tests.replicas_support import record
@@ -38,9 +47,13 @@ from bench.emulated import emulated
 from wildrydes_stream.config import Settings
 from wildrydes_stream.records.fields import status_time_to_epoch_ms
 
-RUNS = {"default": Settings().idle_poll_interval_seconds, "low": 0.2}
-"""idle_poll_interval_seconds of each run."""
+RUNS = {"default": Settings().idle_poll_interval_seconds, "low": 0.2, "fanout": 0.0}
+"""idle_poll_interval_seconds of each run (the fanout run does not poll)."""
 SHARDS = 4
+FANOUT_HEARTBEAT_SECONDS = 5.0
+"""The fan-out server's empty event on a shard without records (AWS: every ~5 s at most)."""
+FANOUT_FALLBACK_POLL_SECONDS = 1.0
+"""The feed's GetRecords on kinesalite when not told of a put (it always is, here)."""
 
 
 @dataclass
@@ -81,8 +94,12 @@ class Latency:
 class Producer:
     """`rate` records a second, ten PutRecords a second; when each was acknowledged."""
 
-    def __init__(self, kinesis: Any, stream: str, rate: float) -> None:
+    def __init__(
+        self, kinesis: Any, stream: str, rate: float, on_put: Callable[[], None] | None = None
+    ) -> None:
         self.kinesis = kinesis
+        self.on_put = on_put
+        """Called as each PutRecords is acknowledged (the fan-out feed pushes then)."""
         self.stream = stream
         self.per_tick = max(1, round(rate / 10))
         self.keys: list[tuple[str, str]] = []
@@ -101,6 +118,8 @@ class Producer:
             now = time.monotonic()
             if response.get("FailedRecordCount"):
                 raise RuntimeError(f"PutRecords failed: {response['Records']}")
+            if self.on_put is not None:
+                self.on_put()
             for r, result in zip(batch, response["Records"], strict=True):
                 key = (r["Name"], str(status_time_to_epoch_ms(r["StatusTime"])))
                 self.keys.append(key)
@@ -127,10 +146,24 @@ async def measure(
 ) -> Latency:
     """One run on fresh emulators: see the module doc."""
     result = Latency(run, idle_poll_interval_seconds, shards, rate, duration)
-    async with emulated(shards, idle_poll_interval_seconds=idle_poll_interval_seconds) as where:
+    fanout = run == "fanout"
+    settings = {} if fanout else {"idle_poll_interval_seconds": idle_poll_interval_seconds}
+    async with (
+        emulated(shards, **settings) as where,
+        fanout_server(where.kinesis, where.settings.stream_name, fanout) as server,
+    ):
         proxy: FaultProxy = where.proxy
-        child = await ServiceProcess.start(where.env, "run")
-        producer = Producer(where.kinesis, where.settings.stream_name, rate)
+        env = where.env
+        if server is not None:
+            env = {
+                **env,
+                "WILDRYDES_READ_MODE": "fanout",
+                "WILDRYDES_FANOUT_ENDPOINT_URL": server.url,
+            }
+        child = await ServiceProcess.start(env, "run")
+        feed = server.feed if server is not None else None
+        on_put = feed.notify if isinstance(feed, KinesisFeed) else None
+        producer = Producer(where.kinesis, where.settings.stream_name, rate, on_put)
         task: asyncio.Task[None] | None = None
         try:
             await child.started(timeout=60)
@@ -173,14 +206,32 @@ async def measure(
             await child.close()
     f = result.figures()
     missing = result.records - result.written
+    how = (
+        f"fan-out, {FANOUT_HEARTBEAT_SECONDS:g} s heartbeat"
+        if fanout
+        else f"idle poll {idle_poll_interval_seconds:g} s"
+    )
     print(
-        f"latency {run:7} idle poll {idle_poll_interval_seconds:g} s: {result.records} records "
+        f"latency {run:7} {how}: {result.records} records "
         f"over {duration:g} s, p50 {f['p50_s']:.3f} s, p90 {f['p90_s']:.3f} s, "
         f"p99 {f['p99_s']:.3f} s, max {f['max_s']:.3f} s"
         + (f"; {missing} NOT WRITTEN" if missing else ""),
         flush=True,
     )
     return result
+
+
+@asynccontextmanager
+async def fanout_server(
+    kinesis: Any, stream: str, wanted: bool
+) -> AsyncIterator[FanoutServer | None]:
+    """The local SubscribeToShard server on the kinesalite stream (None unless `wanted`)."""
+    if not wanted:
+        yield None
+        return
+    feed = KinesisFeed(kinesis, stream, poll_seconds=FANOUT_FALLBACK_POLL_SECONDS)
+    async with FanoutServer(feed, heartbeat_seconds=FANOUT_HEARTBEAT_SECONDS) as server:
+        yield server
 
 
 async def measure_runs(
@@ -195,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=SHARDS)
     parser.add_argument("--rate", type=float, default=200.0, help="records a second")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds a run")
-    parser.add_argument("--runs", default="default,low", help="comma-separated, of: default, low")
+    parser.add_argument(
+        "--runs", default="default,low,fanout", help="comma-separated, of: default, low, fanout"
+    )
     parser.add_argument(
         "--low-idle-poll",
         type=float,

@@ -17,6 +17,15 @@ default settings (one GetRecords a second per caught-up shard, leases renewed ev
    its CPU over that window is reported as a percentage of one core, with the calls a second
    the endpoint saw meanwhile (GetRecords, lease table reads and writes).
 
+With `--read-mode fanout` the service reads with `read_mode=fanout` from the local
+SubscribeToShard server of the tests (tests/fanoutserver.py, HTTP/2 cleartext, real event-stream
+frames) run in this process (so its CPU is not counted either), holding the same records as the
+canned endpoint; the canned endpoint still answers ListShards, the lease table and the writes.
+Idle, the server sends each subscription an empty event every `--heartbeat-seconds` (default
+5 s: AWS sends one at least every ~5 s on an idle shard), so 256 shards cost ~51 events a second;
+the idle calls a second then count `SubscribeToShard` (subscriptions opened) and
+`SubscribeToShardEvent` (events pushed).
+
 Ends with one JSON line of the figures.
 """
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -35,10 +45,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.fanoutserver import FanoutServer, MemoryFeed, Record
 from tests.process import ServiceProcess, service_env
 from tests.test_process import metric_total
 
-from bench.canned import canned_server, canned_stats
+from bench.canned import Canned, canned_server, canned_stats
 from wildrydes_stream.config import Settings
 
 CREDENTIALS = {
@@ -49,6 +60,8 @@ CREDENTIALS = {
 TABLE = "items-scale"
 LEASE_TABLE = "leases-scale"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FANOUT_HEARTBEAT_SECONDS = 5.0
+"""Empty event a subscription gets without records (AWS: at least every ~5 s)."""
 
 
 @dataclass
@@ -56,6 +69,9 @@ class Scale:
     shards: int
     records: int
     record_bytes: int
+    read_mode: str = "polling"
+    heartbeat_seconds: float | None = None
+    """fanout: the server's empty event on an idle subscription every this many seconds."""
     caught_up: bool = False
     catch_up_seconds: float = 0.0
     """Wall seconds from starting the process to every record written and checkpointed."""
@@ -124,13 +140,25 @@ async def measure(
     idle_seconds: float = 20.0,
     timeout: float = 300.0,
     settings: dict[str, str] | None = None,
+    read_mode: str = "polling",
+    heartbeat_seconds: float = FANOUT_HEARTBEAT_SECONDS,
 ) -> Scale:
     """Catch up `shards` shards of the canned endpoint, then sit idle: see the module doc."""
-    result = Scale(shards, records, record_bytes)
+    fanout = read_mode == "fanout"
+    result = Scale(shards, records, record_bytes, read_mode, heartbeat_seconds if fanout else None)
+    server: FanoutServer | None = None
     with (
         tempfile.TemporaryDirectory() as tmp,
         canned_server(records, 1000, shards, record_bytes) as endpoint,
     ):
+        if fanout:
+            feed = canned_feed(records, shards, record_bytes)
+            server = await FanoutServer(feed, heartbeat_seconds=heartbeat_seconds).start()
+            settings = {
+                **(settings or {}),
+                "read_mode": "fanout",
+                "fanout_endpoint_url": server.url,
+            }
         chosen = Settings(
             stream_name="scale",
             table_name=TABLE,
@@ -178,7 +206,8 @@ async def measure(
             result.catch_up_cpu_seconds = cpu_seconds(child.pid)
             result.peak_rss_mb = memory_mb(child.pid, "VmHWM")
             print(
-                f"scale: {shards} shards, {records} records of {record_bytes} B caught up in "
+                f"scale: {shards} shards ({read_mode}), {records} records of {record_bytes} B "
+                "caught up in "
                 f"{result.catch_up_seconds:.1f} s, {result.catch_up_cpu_seconds:.2f} s CPU, "
                 f"peak RSS {result.peak_rss_mb:.0f} MiB",
                 flush=True,
@@ -186,10 +215,14 @@ async def measure(
 
             # The idle window: the service is left alone, read only through /proc at both ends.
             before = await asyncio.to_thread(canned_stats, endpoint)
+            pushed = fanout_calls(server)
             cpu, start = cpu_seconds(child.pid), time.monotonic()
             await asyncio.sleep(idle_seconds)
             cpu, wall = cpu_seconds(child.pid) - cpu, time.monotonic() - start
             after = await asyncio.to_thread(canned_stats, endpoint)
+            for op, n in fanout_calls(server).items():
+                before["calls"][op] = pushed[op]
+                after["calls"][op] = n
             result.idle_seconds, result.idle_cpu_seconds = wall, cpu
             result.idle_rss_mb = memory_mb(child.pid, "VmRSS")
             result.idle_peak_rss_mb = memory_mb(child.pid, "VmHWM")
@@ -212,7 +245,38 @@ async def measure(
             await child.wait(timeout=60)
         finally:
             await child.close()
+            if server is not None:
+                await server.stop()
     return result
+
+
+def canned_feed(records: int, shards: int, record_bytes: int) -> MemoryFeed:
+    """The fan-out server's shards holding what the canned endpoint's do (same records, same
+    sequence numbers, so its lease checks hold)."""
+    canned = Canned(records, 1000, shards, record_bytes)
+    feed = MemoryFeed("scale", shards=0)
+    for shard_id, page in zip(canned.shards, canned.pages, strict=True):
+        shard = feed.add_shard(shard_id)
+        for entry in map(json.loads, page):
+            shard.records.append(
+                Record(
+                    int(entry["SequenceNumber"]),
+                    base64.b64decode(entry["Data"]),
+                    entry["PartitionKey"],
+                    entry["ApproximateArrivalTimestamp"],
+                )
+            )
+    return feed
+
+
+def fanout_calls(server: FanoutServer | None) -> dict[str, int]:
+    """Subscriptions opened and events pushed so far (none without a server)."""
+    if server is None:
+        return {}
+    return {
+        "SubscribeToShard": len(server.subscribed),
+        "SubscribeToShardEvent": sum(s.events for s in server.subscribed),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--record-bytes", type=int, default=1000, help="about this size each")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="the idle window")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest catch-up")
+    parser.add_argument("--read-mode", choices=("polling", "fanout"), default="polling")
+    parser.add_argument(
+        "--heartbeat-seconds",
+        type=float,
+        default=FANOUT_HEARTBEAT_SECONDS,
+        help="fanout: the server's empty event on an idle subscription every this often",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -235,7 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = args.records or 40 * args.shards
     settings = dict(item.split("=", 1) for item in args.set)
     result = asyncio.run(
-        measure(args.shards, records, args.record_bytes, args.idle_seconds, args.timeout, settings)
+        measure(
+            args.shards,
+            records,
+            args.record_bytes,
+            args.idle_seconds,
+            args.timeout,
+            settings,
+            args.read_mode,
+            args.heartbeat_seconds,
+        )
     )
     print(json.dumps(result.figures()))
     return 0 if result.caught_up else 1

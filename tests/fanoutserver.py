@@ -230,12 +230,20 @@ class MemoryCursor:
 
 class KinesisFeed:
     """A Kinesis stream (kinesalite) read with GetRecords every `poll_seconds` while there is
-    nothing new, so records are pushed within that of being put."""
+    nothing new, so records are pushed within that of being put; at once when whoever puts
+    calls `notify` after each PutRecords (a feed that pushes on put)."""
 
     def __init__(self, kinesis: Any, stream: str, poll_seconds: float = 0.02) -> None:
         self.kinesis = kinesis
         self.stream = stream
         self.poll_seconds = poll_seconds
+        self.changed = asyncio.Event()
+        """Set (then replaced) by `notify`: something was put."""
+
+    def notify(self) -> None:
+        """Records were put: every cursor waiting for some reads again now."""
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def stream_arn(self) -> str:
         return f"arn:aws:kinesis:us-east-1:000000000000:stream/{self.stream}"
@@ -267,6 +275,8 @@ class KinesisCursor:
     async def next_batch(self, most: int, wait: float) -> list[Record]:
         deadline = time.monotonic() + wait
         while self.iterator is not None:
+            # Taken before reading, so a put acknowledged after this read is not missed.
+            changed = self.feed.changed
             answer = await self.feed.kinesis.get_records(ShardIterator=self.iterator, Limit=most)
             self.iterator = answer.get("NextShardIterator")
             records = answer.get("Records", [])
@@ -281,9 +291,12 @@ class KinesisCursor:
                     )
                     for r in records
                 ]
-            if self.iterator is None or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if self.iterator is None or left <= 0:
                 break
-            await asyncio.sleep(self.feed.poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self.feed.poll_seconds, left)):
+                    await changed.wait()
         if self.iterator is None and self._children is None:
             listed = await self.feed.kinesis.list_shards(StreamName=self.feed.stream)
             self._children = [

@@ -678,6 +678,38 @@ def as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
+def allowed_actions(name: str) -> set[str]:
+    allowed: set[str] = set()
+    for statement in statements(iam_policy(name)):
+        for action in as_list(statement["Action"]):
+            assert not set("*?") & set(action), action
+            allowed.add(action)
+    return allowed
+
+
+# Enhanced fan-out (`read_mode = "fanout"`): allowed by a policy of their own per application,
+# attached beside the usual one (README, "Enhanced fan-out").
+FANOUT_ACTIONS = frozenset(
+    {"kinesis:RegisterStreamConsumer", "kinesis:DescribeStreamConsumer", "kinesis:SubscribeToShard"}
+)
+FANOUT_POLICIES = {d.COPIER: "fanout-policy.json", d.AGGREGATOR: "aggregate-fanout-policy.json"}
+POLLING_POLICIES = {d.COPIER: "policy.json", d.AGGREGATOR: "aggregate-policy.json"}
+# Modules that make up the fan-out read mode: every call in them not in FANOUT_ACTIONS is one
+# polling makes too.
+FANOUT_MODULES = ("aws/fanout.py", "aws/h2.py", "source/fanout.py", "source/registration.py")
+# Found by the scanner but no AWS SDK call: the fan-out client's own `subscribe` method (it sends
+# SubscribeToShard), not SNS's Subscribe. Allowed only in the files named.
+NOT_AWS_CALLS: dict[str, set[str]] = {"sns:Subscribe": {"source/fanout.py"}}
+
+
+def _drop_not_aws_calls(calls: list[d.AwsCall], needed: set[str]) -> None:
+    for action, files in NOT_AWS_CALLS.items():
+        sites = {c.where.split(":")[0] for c in calls if c.iam_action == action}
+        found_in = {Path(site).relative_to("src/wildrydes_stream").as_posix() for site in sites}
+        assert found_in <= files, f"{action} is now called from {sorted(found_in - files)}"
+        needed.discard(action)
+
+
 def test_iam_policy_allows_exactly_the_calls_the_service_makes() -> None:
     modules = d.service_modules()
     names = {p.relative_to(d.PACKAGE).as_posix() for p in modules}
@@ -689,11 +721,12 @@ def test_iam_policy_allows_exactly_the_calls_the_service_makes() -> None:
         needed
     )
 
-    allowed: set[str] = set()
-    for statement in statements(iam_policy("policy.json")):
-        for action in as_list(statement["Action"]):
-            assert not set("*?") & set(action), action
-            allowed.add(action)
+    _drop_not_aws_calls(calls, needed)
+    # Enhanced fan-out's calls are in a policy of their own, attached only in `fanout` mode.
+    assert needed >= FANOUT_ACTIONS, f"fan-out calls not found: {FANOUT_ACTIONS - needed}"
+    needed -= FANOUT_ACTIONS
+
+    allowed = allowed_actions("policy.json")
     where = {call.iam_action: call.where for call in calls}
     missing = {action: where[action] for action in needed - allowed}
     assert not missing, f"the service calls these but the policy does not allow them: {missing}"
@@ -906,11 +939,11 @@ def test_aggregator_policy_allows_exactly_the_calls_aggregate_makes() -> None:
         assert found_in <= files, f"{action} is now called from {sorted(found_in - files)}"
         needed.discard(action)
 
-    allowed: set[str] = set()
-    for statement in statements(iam_policy("aggregate-policy.json")):
-        for action in as_list(statement["Action"]):
-            assert not set("*?") & set(action), action
-            allowed.add(action)
+    _drop_not_aws_calls(calls, needed)
+    assert needed >= FANOUT_ACTIONS, f"fan-out calls not found: {FANOUT_ACTIONS - needed}"
+    needed -= FANOUT_ACTIONS
+
+    allowed = allowed_actions("aggregate-policy.json")
     where = {call.iam_action: call.where for call in calls}
     missing = {action: where[action] for action in needed - allowed}
     assert not missing, f"aggregate calls these but its policy does not allow them: {missing}"
@@ -970,6 +1003,60 @@ def test_aggregator_policy_resources_are_its_streams_lease_table_and_dead_letter
     for statement in statements(iam_policy("policy.json")):
         copier.update(as_list(statement["Resource"]))
     assert set(actions_on) & copier == {aggregated}
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_fanout_policy_allows_exactly_the_stream_consumer_calls_on_its_stream_and_consumer(
+    app: str,
+) -> None:
+    settings = configmap_settings(app)
+    region, account = d.PLACEHOLDERS["AWS_REGION"], d.PLACEHOLDERS["ACCOUNT_ID"]
+    if app == d.COPIER:
+        stream_name, consumer = settings.stream_name, settings.fanout_consumer_name
+    else:
+        stream_name, consumer = settings.raw_stream_name, settings.aggregate_fanout_consumer_name
+    stream = f"arn:aws:kinesis:{region}:{account}:stream/{stream_name}"
+    # A consumer's ARN ends in its creation time (`...:1700000000`): the one wildcard allowed.
+    consumer_arns = f"{stream}/consumer/{consumer}:*"
+
+    actions_on: dict[str, set[str]] = {}
+    for statement in statements(iam_policy(FANOUT_POLICIES[app])):
+        for resource in as_list(statement["Resource"]):
+            exact = resource.removesuffix(":*") if resource == consumer_arns else resource
+            assert not set("*?") & set(exact), resource
+            for action in as_list(statement["Action"]):
+                assert not set("*?") & set(action), action
+                actions_on.setdefault(resource, set()).add(action)
+    assert actions_on == {
+        stream: {"kinesis:RegisterStreamConsumer"},
+        consumer_arns: {"kinesis:DescribeStreamConsumer", "kinesis:SubscribeToShard"},
+    }
+    # The rest of what `fanout` mode calls (the stream's ARN, its shards) is the polling
+    # policy's, on the same stream; the polling policy grants none of fan-out's calls.
+    modules = [d.PACKAGE / name for name in FANOUT_MODULES]
+    rest = {c.iam_action for c in d.aws_calls(modules)} - FANOUT_ACTIONS - set(NOT_AWS_CALLS)
+    assert "kinesis:DescribeStreamSummary" in rest
+    polling: dict[str, set[str]] = {}
+    for statement in statements(iam_policy(POLLING_POLICIES[app])):
+        for resource in as_list(statement["Resource"]):
+            polling.setdefault(resource, set()).update(as_list(statement["Action"]))
+    assert rest <= polling[stream], f"not allowed on {stream}: {rest - polling[stream]}"
+    assert {"kinesis:ListShards", "kinesis:DescribeStreamSummary"} <= polling[stream]
+    granted = set().union(*polling.values())
+    assert not FANOUT_ACTIONS & granted, f"{POLLING_POLICIES[app]} grants fan-out's calls"
+
+
+def test_readme_documents_the_fanout_policies() -> None:
+    readme = (d.ROOT / "README.md").read_text()
+    section = readme.split("\n## Enhanced fan-out", 1)[1].split("\n## ", 1)[0]
+    for app, name in FANOUT_POLICIES.items():
+        assert f"config/iam/{name}" in section, f"README does not name {name} ({app})"
+        assert (d.IAM / name).is_file(), name
+    for action in FANOUT_ACTIONS:
+        assert action in section, f"README's fan-out section does not name {action}"
+    # Every policy file the README's fan-out section names exists.
+    for named in re.findall(r"config/iam/([\w-]+\.json)", section):
+        assert (d.IAM / named).is_file(), named
 
 
 # --- alerts and dashboard -------------------------------------------------------------------
