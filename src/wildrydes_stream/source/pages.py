@@ -258,9 +258,10 @@ class ShardReader:
             # Kinesis refuses where the lease says to start (a sequence number of no or another
             # shard, a future time): no policy fixes that, moving the checkpoint does.
             app = " --app aggregate" if application_of(s) == "aggregate" else ""
+            checkpoint = position.removeprefix("AT_SEQUENCE_NUMBER:")
             return (
                 f"the checkpoint of {self.shard_id} in lease table {s.lease_table_name} "
-                f"({position}) cannot be read from: move it with `wildrydes-stream reset{app} "
+                f"({checkpoint}) cannot be read from: move it with `wildrydes-stream reset{app} "
                 f"--shard {self.shard_id} --to TRIM_HORIZON` (or LATEST, a time, a sequence "
                 "number of the shard)"
             )
