@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--shards", type=int, default=4, help="shards of the local stream")
     local.add_argument("--unicorns", type=int, default=6, help="simulated unicorns")
     local.add_argument(
+        "--kpl",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="the fleet packs up to N readings into one record, as a KPL producer does",
+    )
+    local.add_argument(
         "--speed",
         type=_positive(float),
         default=60.0,
@@ -273,6 +280,14 @@ def _add_produce(commands: Any) -> None:
         "--quiet", action="store_true", help="no dots: only the summary line at the end"
     )
     produce.add_argument("--seed", type=int, help="random seed, to replay the same readings")
+    produce.add_argument(
+        "--kpl",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="pack up to N readings into one Kinesis record in the KPL's aggregate format, "
+        "as a KPL producer does (needs kinesis:ListShards too)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,7 +400,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "local":
         from wildrydes_stream.local.runner import LocalOptions, run_local
 
-        options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed)
+        options = LocalOptions(args.duration, args.shards, args.unicorns, args.speed, args.kpl)
         return _run_loop(run_local(settings, options))
     raise AssertionError(args.command)
 
@@ -481,6 +496,7 @@ def _produce_command(args: argparse.Namespace) -> int:
         duration=args.duration,
         quiet=args.quiet,
         seed=args.seed,
+        kpl=args.kpl,
     )
     return _run_loop(_produce(options, produce_region(args.region)))
 

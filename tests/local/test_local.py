@@ -10,6 +10,8 @@ import signal
 import time
 from datetime import UTC, datetime
 
+import pytest
+
 from tests.helpers import holds, wait_for
 from tests.process import ServiceProcess, bare_env, run_to_exit
 from wildrydes_stream.local.fleet import Unicorn
@@ -36,13 +38,16 @@ def test_a_unicorn_minute_follows_the_workshop_producer_model() -> None:
     assert abs(second["MinMagicPoints"] - first["MinMagicPoints"]) <= 120
 
 
-async def test_local_runs_the_whole_pipeline_and_checks_every_minute_in_the_table() -> None:
+@pytest.mark.parametrize("kpl", ["1", "5"], ids=["plain", "kpl"])
+async def test_local_runs_the_whole_pipeline_and_checks_every_minute_in_the_table(kpl: str) -> None:
     env = bare_env(WILDRYDES_HTTP_PORT="0", WILDRYDES_HTTP_HOST="127.0.0.1")
     # At 600 simulated seconds a real one, 4 s hold 40 simulated minutes of 3 unicorns:
-    # raw readings -> aggregate -> wildrydes-aggregated -> run -> the table, with alerts.
+    # raw readings -> aggregate -> wildrydes-aggregated -> run -> the table, with alerts. With
+    # --kpl the fleet packs its readings into KPL aggregates, which aggregate splits.
     code, stdout, stderr = await run_to_exit(
-        env, "local", "--duration", "4", "--unicorns", "3", "--speed", "600", timeout=120
-    )
+        env, "local", "--duration", "4", "--unicorns", "12", "--speed", "600", "--kpl", kpl,
+        timeout=120,
+    )  # fmt: skip
 
     assert code == 0, stderr
     produced = re.search(r"fleet stopped after (\d+) readings", stdout)

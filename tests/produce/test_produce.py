@@ -26,6 +26,8 @@ from tests.process import PYTHON, bare_env, run_to_exit
 from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.cli import build_parser, main
 from wildrydes_stream.produce.model import Reading, Unicorn
+from wildrydes_stream.records.kpl import deaggregate
+from wildrydes_stream.records.routing import hash_key
 
 FIELDS = [
     "Distance",
@@ -443,3 +445,39 @@ def _initial_bearing(a: Reading, b: Reading) -> float:
     y = math.sin(lon2 - lon1) * math.cos(lat2)
     x = math.cos(lat1) * math.sin(lat2) - math.sin(lat1) * math.cos(lat2) * math.cos(lon2 - lon1)
     return math.degrees(math.atan2(y, x)) % 360
+
+
+async def test_kpl_packs_each_shards_readings_into_aggregates_of_at_most_n(
+    kinesis: Any, aws_env: dict[str, str]
+) -> None:
+    stream = await new_stream(kinesis, shards=2)
+    code, stdout, stderr = await run_to_exit(
+        bare_env(**aws_env), "produce", "--stream", stream, "--unicorns", "40",
+        "--count", "120", "--speed", "50", "--kpl", "10", "--quiet",
+    )  # fmt: skip
+
+    assert code == 0, stderr
+    assert summary(stdout)[0] == 120
+    ranges = {
+        s["ShardId"]: (
+            int(s["HashKeyRange"]["StartingHashKey"]),
+            int(s["HashKeyRange"]["EndingHashKey"]),
+        )
+        for s in (await kinesis.list_shards(StreamName=stream))["Shards"]
+    }
+    readings = []
+    for shard, (low, high) in ranges.items():
+        iterator = (
+            await kinesis.get_shard_iterator(
+                StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+            )
+        )["ShardIterator"]
+        page = await kinesis.get_records(ShardIterator=iterator)
+        for record in page["Records"]:
+            users = deaggregate(record["Data"])
+            assert 1 <= len(users) <= 10
+            # Every reading of an aggregate belongs to the shard it landed on.
+            assert all(low <= hash_key(u.partition_key) <= high for u in users)
+            readings += [json.loads(u.data) for u in users]
+    assert len(readings) == 120
+    assert len({(r["Name"], r["StatusTime"]) for r in readings}) == 120

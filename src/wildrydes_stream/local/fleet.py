@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wildrydes_stream.produce.model import NAMES, Reading, Unicorn, status_time
+from wildrydes_stream.produce.packing import ShardMap, pack
 
 __all__ = ["NAMES", "Expected", "RawFleet", "Unicorn"]
 
@@ -58,7 +59,10 @@ class RawFleet:
     speed: float = 60.0
     """Simulated seconds per real second."""
     seed: int | None = None
+    kpl: int = 1
+    """Readings packed into one Kinesis record in the KPL's aggregate format (1: plain)."""
     expected: Expected = field(default_factory=Expected)
+    _shards: ShardMap | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         rng = random.Random(self.seed)
@@ -83,18 +87,25 @@ class RawFleet:
     async def _put(self, readings: list[Reading]) -> None:
         """PutRecords until every reading is in (the emulator does not throttle, but a busy
         one may refuse a few entries)."""
+        if self.kpl > 1 and self._shards is None:
+            self._shards = await ShardMap.of(self.kinesis, self.stream)
         pending = readings
         for attempt in range(20):
-            response = await self.kinesis.put_records(
-                StreamName=self.stream,
-                Records=[{"Data": r.encode(), "PartitionKey": r.name} for r in pending],
-            )
+            if self._shards is not None:
+                packed = pack(pending, self.kpl, self._shards)
+                entries = [p.entry() for p in packed]
+                groups = [list(p.readings) for p in packed]
+            else:
+                entries = [{"Data": r.encode(), "PartitionKey": r.name} for r in pending]
+                groups = [[r] for r in pending]
+            response = await self.kinesis.put_records(StreamName=self.stream, Records=entries)
             failed = []
-            for reading, result in zip(pending, response["Records"], strict=True):
+            for group, result in zip(groups, response["Records"], strict=True):
                 if "ErrorCode" in result:
-                    failed.append(reading)
+                    failed += group
                 else:
-                    self.expected.add(reading)
+                    for reading in group:
+                        self.expected.add(reading)
             if not failed:
                 return
             pending = failed

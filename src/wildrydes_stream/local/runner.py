@@ -45,6 +45,8 @@ class LocalOptions:
     shards: int
     unicorns: int
     speed: float
+    kpl: int = 1
+    """Readings per Kinesis record in the KPL's aggregate format (1: plain records)."""
 
 
 def local_settings(settings: Settings, alerts_url: str, speed: float) -> Settings:
@@ -85,7 +87,9 @@ async def run_local(settings: Settings, options: LocalOptions) -> int:
 async def _run(
     settings: Settings, options: LocalOptions, kinesis: Any, dynamodb: Any, alerts: AlertReceiver
 ) -> int:
-    fleet = RawFleet(kinesis, settings.raw_stream_name, options.unicorns, options.speed)
+    fleet = RawFleet(
+        kinesis, settings.raw_stream_name, options.unicorns, options.speed, kpl=options.kpl
+    )
     # The webhook receiver prints every alert: the log destination's copy would repeat it.
     logging.getLogger("wildrydes_stream.alerts.log").setLevel(logging.ERROR)
     stop_fleet = asyncio.Event()

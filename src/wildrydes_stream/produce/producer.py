@@ -38,6 +38,7 @@ from wildrydes_stream.aws.retry import (
 )
 from wildrydes_stream.errors import MissingResourceError, WildrydesError
 from wildrydes_stream.produce.model import NAMES, Reading, Unicorn
+from wildrydes_stream.produce.packing import ShardMap, pack
 
 BATCH_LIMIT = 500  # PutRecords takes at most 500 records a call
 BACKOFF_BASE_SECONDS = 0.1
@@ -58,6 +59,8 @@ class ProduceOptions:
     """Stop after this many real seconds."""
     quiet: bool = False
     seed: int | None = None
+    kpl: int = 1
+    """Readings packed into one Kinesis record in the KPL's aggregate format (1: plain)."""
 
 
 def fleet_names(first: str, unicorns: int) -> list[str]:
@@ -94,6 +97,7 @@ class Producer:
         rng = Random(options.seed)
         self.unicorns = [Unicorn(n, rng) for n in fleet_names(options.name, options.unicorns)]
         self.stats = Stats()
+        self._shards: ShardMap | None = None
 
     def request_stop(self) -> None:
         """Stop after the call in flight (signal handlers call this)."""
@@ -172,6 +176,8 @@ class Producer:
     async def _send(self, readings: list[Reading]) -> list[Reading]:
         """One call; returns the readings still to put."""
         stream = self._options.stream
+        if self._options.kpl > 1:
+            return await self._send_packed(readings)
         if len(readings) == 1 and self._options.unicorns == 1:
             reading = readings[0]
             await self._kinesis.put_record(
@@ -193,6 +199,29 @@ class Producer:
                     f"{code}: {result.get('ErrorMessage', '')}"
                 )
             failed.append(reading)
+        return failed
+
+    async def _send_packed(self, readings: list[Reading]) -> list[Reading]:
+        """Readings in KPL aggregates, one PutRecords call; returns the readings of the
+        aggregates to put again."""
+        stream = self._options.stream
+        if self._shards is None:
+            self._shards = await ShardMap.of(self._kinesis, stream)
+        packed = pack(readings, self._options.kpl, self._shards)
+        response = await self._kinesis.put_records(
+            StreamName=stream, Records=[p.entry() for p in packed]
+        )
+        failed: list[Reading] = []
+        for aggregate, result in zip(packed, response["Records"], strict=True):
+            code = result.get("ErrorCode")
+            if code is None:
+                continue
+            if code not in RETRIED_ENTRY_CODES:
+                raise WildrydesError(
+                    f"PutRecords refused an aggregate of {len(aggregate.readings)} readings on "
+                    f"stream {stream}: {code}: {result.get('ErrorMessage', '')}"
+                )
+            failed.extend(aggregate.readings)
         return failed
 
     def _done(self, records: int) -> None:
