@@ -37,6 +37,10 @@ pushes at once (`scale_256_fanout_idle_core_percent`, `latency_fanout_p99_s`).
 
 `--set` overrides apply to the throughput runs only; scale and latency use the defaults.
 
+KPL (`--kpl N`, 100 by default, 0 to leave out): the service as shipped on the canned endpoint
+again, the same records packed into KPL aggregates of N records each
+(`kpl_records_per_cpu_second`): what de-aggregation costs a record.
+
 Aggregator (bench/aggregate.py, `--skip-aggregate` to leave out): `aggregate` beside the
 workshop's KDA SQL ported straight to aiobotocore (bench/port.py), readings per CPU-second on
 the canned endpoint and on kinesalite (200,000 per-second readings of 400 unicorns, 4 shards,
@@ -183,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-latency", action="store_true", help="leave out the latency runs")
     parser.add_argument(
+        "--kpl",
+        type=int,
+        default=100,
+        help="records per KPL aggregate in the canned run of KPL aggregates (0 or 1: skip it)",
+    )
+    parser.add_argument(
         "--skip-aggregate", action="store_true", help="leave out the aggregator's runs"
     )
     parser.add_argument(
@@ -231,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.profile,
             args.throughput_record_bytes,
         )
+    if args.records > 0 and args.kpl > 1 and "fast" in contenders:
+        # The same records read as KPL aggregates (what de-aggregation costs a record).
+        results += run_canned(["fast"], args.records, args.page_size, common, None, kpl=args.kpl)
     if args.emulator_records > 0:
         results += asyncio.run(run_emulators(contenders, args.emulator_records, common))
     ok = all(r.written == r.records for r in results)
@@ -324,9 +337,12 @@ def run_canned(
     common: dict[str, Any],
     profile: str | None,
     record_bytes: int = 0,
+    kpl: int = 0,
 ) -> list[Result]:
+    """`kpl`: the stream holds KPL aggregates of that many records (target `canned-kpl<N>`)."""
     results = []
-    with canned_server(records, page_size, record_bytes=record_bytes) as endpoint:
+    target = f"canned-kpl{kpl}" if kpl else "canned"
+    with canned_server(records, page_size, record_bytes=record_bytes, kpl=kpl) as endpoint:
         env = endpoints(endpoint, endpoint)
         for n, contender in enumerate(contenders):
             names = {"table": f"items-{n}", "lease_table": f"leases-{n}"}
@@ -341,7 +357,7 @@ def run_canned(
             stats = canned_stats(endpoint)
             written = stats["written"].get(names["table"], 0)
             result = Result(
-                "canned",
+                target,
                 contender,
                 records,
                 int(run["written"] if contender == "null" else written),
@@ -481,7 +497,7 @@ def report(result: Result, run: dict[str, Any]) -> None:
 def print_table(results: list[Result]) -> None:
     baseline = {r.target: r for r in results if r.contender == "baseline"}
     header = (
-        f"{'target':9} {'contender':19} {'records':>8} {'records/s':>10} "
+        f"{'target':13} {'contender':19} {'records':>8} {'records/s':>10} "
         f"{'CPU s/100k':>10} {'records/CPU-s':>13} {'vs baseline':>11} {'items/batch':>11}"
     )
     print(header)
@@ -490,7 +506,7 @@ def print_table(results: list[Result]) -> None:
         base = baseline.get(r.target)
         ratio = r.records_per_cpu_second / base.records_per_cpu_second if base else None
         print(
-            f"{r.target:9} {r.contender:19} {r.records:>8} {r.records_per_second:>10,.0f} "
+            f"{r.target:13} {r.contender:19} {r.records:>8} {r.records_per_second:>10,.0f} "
             f"{r.cpu_per_100k:>10.2f} {r.records_per_cpu_second:>13,.0f} "
             + (f"{ratio:>10.2f}x" if ratio is not None else f"{'':>11}")
             + (f" {r.items_per_batch:>11.1f}" if r.items_per_batch is not None else "")
@@ -589,6 +605,9 @@ def summary(results: list[Result]) -> dict[str, Any]:
         out["speedup_vs_baseline"] = round(
             fast.records_per_cpu_second / base.records_per_cpu_second, 2
         )
+    kpl = next((r for r in results if r.target.startswith("canned-kpl")), None)
+    if kpl is not None:
+        out["kpl_records_per_cpu_second"] = round(kpl.records_per_cpu_second)
     for r in results:
         key = f"{r.target}_{r.contender}".replace("-", "_")
         out[key] = {

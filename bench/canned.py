@@ -57,6 +57,8 @@ from aiohttp import web
 from bench.data import SEQUENCE_BASE, SHARDS, UNICORNS, aggregates, arrival, encode, shard_of
 from bench.readings import START as READINGS_START
 from bench.readings import readings
+from wildrydes_stream.records.kpl import UserRecord
+from wildrydes_stream.records.kpl import aggregate as kpl_aggregate
 
 KINESIS_JSON = "application/x-amz-json-1.1"
 DYNAMODB_JSON = "application/x-amz-json-1.0"
@@ -71,6 +73,7 @@ class Canned:
         record_bytes: int = 0,
         raw_readings: int = 0,
         raw_unicorns: int = 400,
+        kpl: int = 0,
     ) -> None:
         self.page_size = page_size
         self.shards = [f"shardId-{i:012d}" for i in range(shards)]
@@ -79,19 +82,31 @@ class Canned:
         """Shard id -> sequence number of its last record."""
         unicorns = max(UNICORNS, shards)
         rng = random.Random(11)
+        by_shard: list[list[dict[str, Any]]] = [[] for _ in self.shards]
         for n, record in enumerate(aggregates(records, unicorns)):
             shard = shard_of(record) if shards == SHARDS else n % unicorns % shards
             if record_bytes:
                 record = padded(record, record_bytes, rng)
-            sequence = SEQUENCE_BASE + (shard << 100) + len(self.pages[shard]) * 2**20
-            entry = {
-                "SequenceNumber": str(sequence),
-                "ApproximateArrivalTimestamp": arrival(record),
-                "Data": base64.b64encode(encode(record)).decode(),
-                "PartitionKey": record["Name"],
-            }
-            self.pages[shard].append(json.dumps(entry, separators=(",", ":")).encode())
-            self.last[self.shards[shard]] = entry["SequenceNumber"]
+            by_shard[shard].append(record)
+        # With `kpl`, each Kinesis record is a KPL aggregate of that many records of its shard.
+        size = max(1, kpl)
+        for shard, held in enumerate(by_shard):
+            for first in range(0, len(held), size):
+                chunk = held[first : first + size]
+                data = (
+                    kpl_aggregate([UserRecord(r["Name"], None, encode(r)) for r in chunk])
+                    if kpl > 1
+                    else encode(chunk[0])
+                )
+                sequence = SEQUENCE_BASE + (shard << 100) + len(self.pages[shard]) * 2**20
+                entry = {
+                    "SequenceNumber": str(sequence),
+                    "ApproximateArrivalTimestamp": arrival(chunk[0]),
+                    "Data": base64.b64encode(data).decode(),
+                    "PartitionKey": chunk[0]["Name"],
+                }
+                self.pages[shard].append(json.dumps(entry, separators=(",", ":")).encode())
+                self.last[self.shards[shard]] = entry["SequenceNumber"]
         self.raw_pages: list[list[bytes]] = [[] for _ in self.shards]
         if raw_readings:
             self._fill_raw(raw_readings, raw_unicorns)
@@ -374,6 +389,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.record_bytes,
         args.raw_readings,
         args.unicorns,
+        args.kpl,
     )
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/_stats", canned.stats)
@@ -402,6 +418,7 @@ def canned_server(
     record_bytes: int = 0,
     raw_readings: int = 0,
     unicorns: int = 400,
+    kpl: int = 0,
 ) -> Iterator[str]:
     """This endpoint in a process of its own; yields its URL, stops it on exit."""
     command = [sys.executable, "-m", "bench.canned", "--records", str(records)]
@@ -412,6 +429,8 @@ def canned_server(
         command += ["--record-bytes", str(record_bytes)]
     if raw_readings:
         command += ["--raw-readings", str(raw_readings), "--unicorns", str(unicorns)]
+    if kpl:
+        command += ["--kpl", str(kpl)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     try:
         assert process.stdout is not None
@@ -444,6 +463,9 @@ def main() -> None:
         "--raw-readings", type=int, default=0, help="per-second readings on streams named raw*"
     )
     parser.add_argument("--unicorns", type=int, default=400, help="unicorns of the readings")
+    parser.add_argument(
+        "--kpl", type=int, default=0, help="records a KPL aggregate holds (0: plain records)"
+    )
     args = parser.parse_args()
     try:
         import uvloop

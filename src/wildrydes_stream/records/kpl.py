@@ -16,10 +16,10 @@ protobuf bytes. The message (from the KPL's `messages.proto`):
     }
 
 Decoded by a few lines here rather than with the protobuf package: three messages of varints
-and length-delimited fields need no generated code, and the walk over a memoryview costs about
-what the package's pure-Python backend does without adding a dependency (bench: `make bench`,
-KPL figures). A record with the magic whose MD5 does not match, or whose protobuf is broken, is
-not an aggregate (as KCL decides): the caller handles it as a plain record.
+and length-delimited fields need no generated code and no dependency; what it costs a user
+record is in `make bench` (KPL aggregates beside plain records). A record with the magic whose
+MD5 does not match, or whose protobuf is broken, is not an aggregate (as KCL decides): the
+caller handles it as a plain record.
 """
 
 from __future__ import annotations
