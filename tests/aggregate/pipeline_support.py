@@ -20,7 +20,6 @@ aggregator replicas and `run` as child processes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import signal
@@ -63,30 +62,26 @@ FLEET = [*HOSTILE, SKEWED] + [f"unicorn-{i:04d}" for i in range(1000 - len(HOSTI
 assert len(set(FLEET)) == len(FLEET) == 1000
 assert len(LONG) == 256
 
-SPLIT_AT = 90
+SPLIT_AT = 80
 """Second (of event time) the parent's readings stop and the children's start."""
-MERGE_AT = 150
-LAST = 240
+MERGE_AT = 140
+LAST = 180
 """Seconds 0..LAST-1 come from everyone, then one closing reading at CLOSING."""
-CLOSING = 255
+CLOSING = 215
 
-# Which minutes each dipping unicorn is low in: below the threshold for half a minute, then
-# back. A dip in minute 1 spans the split, in minute 2 the merge; minute 3's resolves at the
-# closing reading's minute. Each dip sits in one window, its neighbours high.
-_DIP_SHAPES: list[tuple[int, ...]] = [(0,), (1,), (2,), (3,), (0, 2), (1, 3)]
+# Which minutes each dipping unicorn is low in: below the threshold for half a minute (seconds
+# 10..39 of the minute), then back. A dip in minute 1 spans the split, in minute 2 the merge
+# and resolves at the closing reading's minute. Each dip sits in one window, its neighbours
+# high, so it gives one `firing` and one `resolved` however often its windows are put.
+_DIP_SHAPES: list[tuple[int, ...]] = [(0,), (1,), (2,), (0, 2)]
 DIPS: dict[str, tuple[int, ...]] = {
     "a\r\nb": (1,),
     LONG: (2,),
     "Épona": (0, 2),
-    "独角兽": (1, 3),
+    "独角兽": (0,),
     SKEWED: (1,),
     **{FLEET[20 + 7 * i]: _DIP_SHAPES[i % len(_DIP_SHAPES)] for i in range(36)},
 }
-
-
-def hash_key(name: str) -> int:
-    """The MD5 of the name as a 128-bit big-endian integer: where Kinesis puts it."""
-    return int.from_bytes(hashlib.md5(name.encode()).digest(), "big")
 
 
 MIDDLE = 2**127
@@ -153,12 +148,15 @@ class _Readings:
         """A reading of `second` that was not put with it (late): magic never low."""
         return self._make(name, second, self.rng.randint(500, 999), low=False)
 
+    def closing(self, name: str) -> Planned:
+        return self._make(name, CLOSING, self.rng.randint(0, 999))
+
     def _make(self, name: str, second: int, ms: int, low: bool | None = None) -> Planned:
         draw = self.rng.random
         skew = SKEW if name == SKEWED else timedelta(0)
         at = self._second_at(skew, second)
         minute, into = divmod(second, 60)
-        dipping = minute in DIPS.get(name, ()) and 15 <= into < 45
+        dipping = minute in DIPS.get(name, ()) and 10 <= into < 40
         if dipping if low is None else low:
             magic = 20 + int(draw() * 30)  # 20..49
         else:
@@ -207,31 +205,32 @@ def plan(seed: int = 2017) -> Plan:
     def late(first: int, last: int, count: int) -> list[Planned]:
         return [fleet.again(name, rng.randint(first, last)) for name in some(count)]
 
-    # On the parent: minute 0 and half of minute 1, some readings twice.
+    # On the parent: minute 0 and a third of minute 1, some readings twice.
     for second in range(SPLIT_AT):
         p.put(fleet.second(second))
     p.put(earlier(0, SPLIT_AT - 1, 500), p.duplicates)
     p.reshard("split")
     # On the children: minute 0's late readings (its windows were put on the parent), then
-    # minute 1's rest and half of minute 2, minute 1's own late readings, duplicates of both
-    # sides of the split.
+    # minute 1's rest and a third of minute 2, minute 1's own late readings, duplicates of
+    # both sides of the split.
     p.put(late(50, 59, 400), p.late)
     for second in range(SPLIT_AT, MERGE_AT):
         p.put(fleet.second(second))
-        if second == 140:
+        if second == 135:
             p.put(late(100, 119, 400), p.late)
     p.put(earlier(0, MERGE_AT - 1, 500), p.duplicates)
     p.reshard("merge")
-    # On the merged shard: late readings of the children's minutes, minute 2's rest, minute 3,
-    # more late readings, one closing reading each, duplicates, and readings past the horizon.
+    # On the merged shard: late readings of the children's minute, minute 2's rest, more late
+    # readings, one closing reading each in minute 3 (minute 2's windows are due, minute 3's
+    # go on the idle timeout), duplicates, and readings past the horizon.
     p.put(late(90, 119, 300), p.late)
     for second in range(MERGE_AT, LAST):
         p.put(fleet.second(second))
-        if second == 200:
-            p.put(late(95, 170, 400), p.late)
-    p.put([fleet._make(name, CLOSING, rng.randint(0, 999)) for name in some(len(FLEET))])
+        if second == 170:
+            p.put(late(95, 119, 400), p.late)
+    p.put([fleet.closing(name) for name in some(len(FLEET))])
     p.put(earlier(60, LAST - 1, 500), p.duplicates)
-    p.put(late(0, 59, 300), p.past_horizon)
+    p.put(late(0, 34, 300), p.past_horizon)
     return p
 
 
@@ -411,6 +410,7 @@ class Scrape:
     checkpoints: float
     reading: frozenset[str]
     """Shards it has had a GetRecords answer for in its current tenure."""
+    read_by_shard: dict[str, float]
 
 
 class Pipeline:
@@ -457,33 +457,38 @@ class Pipeline:
             0.0,
         )
         reading = set()
+        read_by_shard: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in totals:
                     totals[sample.name] += sample.value
                 if sample.name == "wildrydes_shard_behind_latest_seconds":
                     reading.add(sample.labels["shard"])
+                if sample.name == "wildrydes_records_read_total":
+                    read_by_shard[sample.labels["shard"]] = sample.value
         return Scrape(
             totals["wildrydes_shards_owned"],
             totals["wildrydes_records_read_total"],
             totals["wildrydes_checkpoints_total"],
             frozenset(reading),
+            read_by_shard,
         )
 
     async def reader(self, shard: str, read_at_least: float, timeout: float = 60.0) -> str:
-        """The replica reading `shard`, once it has checkpointed and read this many readings
-        (since it started)."""
+        """The replica reading `shard`, once it has checkpointed and read this many of the
+        shard's readings (since it started)."""
         found: list[str] = []
 
         async def reading() -> bool:
             for replica in list(self.aggregators):
                 scrape = await self.scrape(replica)
-                if shard in scrape.reading and scrape.checkpoints and scrape.read >= read_at_least:
+                read = scrape.read_by_shard.get(shard, 0.0)
+                if shard in scrape.reading and scrape.checkpoints and read >= read_at_least:
                     found.append(replica)
                     return True
             return False
 
-        await wait_for(reading, timeout=timeout, interval=0.1)
+        await wait_for(reading, timeout=timeout, interval=0.25)
         return found[0]
 
     def describe(self) -> str:
@@ -494,7 +499,8 @@ class Pipeline:
             children.append(self.copier)
         for child in children:
             for entry in child.logs():
-                if entry.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+                alert = entry.get("logger") == "wildrydes_stream.alerts.log"
+                if entry.get("level") in ("WARNING", "ERROR", "CRITICAL") and not alert:
                     lines.append(json.dumps(entry))
         return "\n".join(lines[-100:])
 
