@@ -100,7 +100,7 @@ class Planned:
         return str(self.record["Name"])
 
 
-Step = tuple[Literal["put"], int, int] | tuple[Literal["split", "merge"]]
+Step = tuple[Literal["put"], int, int] | tuple[Literal["split", "merge", "gate"]]
 
 
 @dataclass
@@ -125,6 +125,10 @@ class Plan:
 
     def reshard(self, step: Literal["split", "merge"]) -> None:
         self.steps.append((step,))
+
+    def gate(self) -> None:
+        """The feed stops here until the test lets it go on (see Feed.reached)."""
+        self.steps.append(("gate",))
 
 
 class _Readings:
@@ -208,6 +212,8 @@ def plan(seed: int = 2017) -> Plan:
     # On the parent: minute 0 and a third of minute 1, some readings twice.
     for second in range(SPLIT_AT):
         p.put(fleet.second(second))
+        if second == 40:
+            p.gate()
     p.put(earlier(0, SPLIT_AT - 1, 500), p.duplicates)
     p.reshard("split")
     # On the children: minute 0's late readings (its windows were put on the parent), then
@@ -216,6 +222,8 @@ def plan(seed: int = 2017) -> Plan:
     p.put(late(50, 59, 400), p.late)
     for second in range(SPLIT_AT, MERGE_AT):
         p.put(fleet.second(second))
+        if second == 100:
+            p.gate()
         if second == 135:
             p.put(late(100, 119, 400), p.late)
     p.put(earlier(0, MERGE_AT - 1, 500), p.duplicates)
@@ -226,6 +234,8 @@ def plan(seed: int = 2017) -> Plan:
     p.put(late(90, 119, 300), p.late)
     for second in range(MERGE_AT, LAST):
         p.put(fleet.second(second))
+        if second == 155:
+            p.gate()
         if second == 170:
             p.put(late(95, 119, 400), p.late)
     p.put([fleet.closing(name) for name in some(len(FLEET))])
@@ -342,19 +352,40 @@ class Feed:
         self._plan = p
         self.results: list[dict[str, Any]] = []
         """PutRecords' answer for each reading put so far (ShardId, SequenceNumber)."""
-        self.resharded: list[str] = []
         self.put_count = 0
         self.open_after: dict[str, list[str]] = {}
         """The open shards' ids after each reshard ("split", "merge")."""
+        self._gates = [(asyncio.Event(), asyncio.Event()) for s in p.steps if s[0] == "gate"]
+        """Per gate of the plan, in order: (reached, go on)."""
+
+    async def reached(self, gate: int, feeding: asyncio.Task[None], timeout: float = 120) -> None:
+        """Wait until the feed (`run`, in the task `feeding`) stops at the plan's gate number
+        `gate` (0, 1, ...); what made the feed fail, if it did."""
+        waiting = asyncio.create_task(self._gates[gate][0].wait())
+        try:
+            await asyncio.wait((waiting, feeding), timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            waiting.cancel()
+        if feeding.done():
+            feeding.result()
+        if not self._gates[gate][0].is_set():
+            raise TimeoutError(f"the feed did not reach gate {gate} within {timeout}s")
+
+    def go_on(self, gate: int) -> None:
+        self._gates[gate][1].set()
 
     async def run(self) -> None:
+        gates = iter(self._gates)
         for step in self._plan.steps:
             if step[0] == "put":
                 await self._put(step[1], step[2])
+            elif step[0] == "gate":
+                reached, go_on = next(gates)
+                reached.set()
+                await go_on.wait()
             else:
                 await self._reshard(step[0])
                 self.open_after[step[0]] = [s["ShardId"] for s in await self.open_shards()]
-                self.resharded.append(step[0])
 
     async def _put(self, first: int, end: int) -> None:
         readings = self._plan.readings

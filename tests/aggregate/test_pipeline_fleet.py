@@ -98,22 +98,28 @@ async def test_a_fleet_through_reshards_and_killed_replicas_leaves_every_row_and
             [parent] = [x["ShardId"] for x in await feed.open_shards()]
             feeding = asyncio.create_task(feed.run())
 
+            # The feed stops at each gate until the shard there has a reader well into it (a
+            # shard cannot end while the feed waits), then goes on as that reader is stopped.
             # SIGKILL the parent's reader half way through it; a new process takes its place.
-            victim = await pipeline.reader(parent, read_at_least=30_000)
+            await feed.reached(0, feeding)
+            victim = await pipeline.reader(parent, read_at_least=20_000)
+            feed.go_on(0)
             assert await pipeline.stop(victim, signal.SIGKILL) == -signal.SIGKILL
             await pipeline.start_aggregator(victim)
 
             # SIGTERM a child's reader while the children are read: it hands its shard over.
-            await wait_for(_after(feed, "split"), timeout=120)
+            await feed.reached(1, feeding)
             child = feed.open_after["split"][0]
-            victim = await pipeline.reader(child, read_at_least=10_000, timeout=120)
+            victim = await pipeline.reader(child, read_at_least=5_000, timeout=120)
+            feed.go_on(1)
             assert await pipeline.stop(victim, signal.SIGTERM) == 0
             await pipeline.start_aggregator(victim)
 
             # SIGKILL the merged shard's reader while it reads.
-            await wait_for(_after(feed, "merge"), timeout=120)
+            await feed.reached(2, feeding)
             [merged] = feed.open_after["merge"]
-            victim = await pipeline.reader(merged, read_at_least=10_000, timeout=120)
+            victim = await pipeline.reader(merged, read_at_least=5_000, timeout=120)
+            feed.go_on(2)
             assert await pipeline.stop(victim, signal.SIGKILL) == -signal.SIGKILL
             await pipeline.start_aggregator(victim)
             await feeding
@@ -161,13 +167,6 @@ async def test_a_fleet_through_reshards_and_killed_replicas_leaves_every_row_and
         feed.results[i]["SequenceNumber"] for i in expected.refused
     }
     assert letters(copier_letters) == []
-
-
-def _after(feed: Feed, step: str) -> Any:
-    async def done() -> bool:
-        return step in feed.resharded
-
-    return done
 
 
 def _scenario_as_planned(p: Any, feed: Feed, parent: str, merged: str) -> None:
