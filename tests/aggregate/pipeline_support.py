@@ -451,7 +451,7 @@ class Pipeline:
         self._env = dict(env)
         self.aggregators: dict[str, ServiceProcess] = {}
         self.copier: ServiceProcess | None = None
-        self._ended: list[ServiceProcess] = []
+        self._ended: list[tuple[str, ServiceProcess]] = []
         self._generation = 0
 
     async def start_aggregator(self, replica: str) -> None:
@@ -472,7 +472,7 @@ class Pipeline:
 
     async def stop(self, replica: str, signum: signal.Signals, timeout: float = 60.0) -> int:
         child = self.aggregators.pop(replica)
-        self._ended.append(child)
+        self._ended.append((f"{replica} (stopped)", child))
         child.send(signum)
         return await child.wait(timeout)
 
@@ -509,34 +509,43 @@ class Pipeline:
         """The replica reading `shard`, once it has checkpointed and read this many of the
         shard's readings (since it started)."""
         found: list[str] = []
+        scrapes: dict[str, Scrape] = {}
 
         async def reading() -> bool:
             for replica in list(self.aggregators):
-                scrape = await self.scrape(replica)
+                scrape = scrapes[replica] = await self.scrape(replica)
                 read = scrape.read_by_shard.get(shard, 0.0)
                 if shard in scrape.reading and scrape.checkpoints and read >= read_at_least:
                     found.append(replica)
                     return True
             return False
 
-        await wait_for(reading, timeout=timeout, interval=0.25)
+        try:
+            await wait_for(reading, timeout=timeout, interval=0.25)
+        except TimeoutError:
+            raise AssertionError(
+                f"no replica read {read_at_least} of {shard} within {timeout}s: {scrapes}\n"
+                f"{self.describe(everything=True)}"
+            ) from None
         return found[0]
 
-    def describe(self) -> str:
-        """What every child logged at WARNING or above, for a failure message."""
-        lines = []
-        children = [*self.aggregators.values(), *self._ended]
+    def describe(self, everything: bool = False) -> str:
+        """What every child logged at WARNING or above (`everything`: every line but the
+        alerts), in time order, for a failure message."""
+        children = [*self._ended, *self.aggregators.items()]
         if self.copier is not None:
-            children.append(self.copier)
-        for child in children:
+            children.append(("copier", self.copier))
+        lines = []
+        for name, child in children:
             for entry in child.logs():
                 alert = entry.get("logger") == "wildrydes_stream.alerts.log"
-                if entry.get("level") in ("WARNING", "ERROR", "CRITICAL") and not alert:
-                    lines.append(json.dumps(entry))
-        return "\n".join(lines[-100:])
+                serious = everything or entry.get("level") in ("WARNING", "ERROR", "CRITICAL")
+                if serious and not alert:
+                    lines.append((str(entry.get("time")), f"{name}: {json.dumps(entry)}"))
+        return "\n".join(line for _, line in sorted(lines)[-300:])
 
     async def close(self) -> None:
-        children = [*self.aggregators.values(), *self._ended]
+        children = [*self.aggregators.values(), *(child for _, child in self._ended)]
         if self.copier is not None:
             children.append(self.copier)
         await asyncio.gather(*(child.close() for child in children))
