@@ -96,13 +96,20 @@ async def test_a_fleet_through_reshards_and_killed_replicas_leaves_every_row_and
             )
             await asyncio.gather(pipeline.start_aggregator("a"), pipeline.start_aggregator("b"))
             [parent] = [x["ShardId"] for x in await feed.open_shards()]
+
+            async def reader(shard: str, read_at_least: int) -> str:
+                try:
+                    return await pipeline.reader(shard, read_at_least, timeout=120)
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\n{await _stored(dynamodb, s)}") from None
+
             feeding = asyncio.create_task(feed.run())
 
             # The feed stops at each gate until the shard there has a reader well into it (a
             # shard cannot end while the feed waits), then goes on as that reader is stopped.
             # SIGKILL the parent's reader half way through it; a new process takes its place.
             await feed.reached(0, feeding)
-            victim = await pipeline.reader(parent, read_at_least=20_000)
+            victim = await reader(parent, 20_000)
             feed.go_on(0)
             assert await pipeline.stop(victim, signal.SIGKILL) == -signal.SIGKILL
             await pipeline.start_aggregator(victim)
@@ -110,7 +117,7 @@ async def test_a_fleet_through_reshards_and_killed_replicas_leaves_every_row_and
             # SIGTERM a child's reader while the children are read: it hands its shard over.
             await feed.reached(1, feeding)
             child = feed.open_after["split"][0]
-            victim = await pipeline.reader(child, read_at_least=5_000, timeout=120)
+            victim = await reader(child, 5_000)
             feed.go_on(1)
             assert await pipeline.stop(victim, signal.SIGTERM) == 0
             await pipeline.start_aggregator(victim)
@@ -118,7 +125,7 @@ async def test_a_fleet_through_reshards_and_killed_replicas_leaves_every_row_and
             # SIGKILL the merged shard's reader while it reads.
             await feed.reached(2, feeding)
             [merged] = feed.open_after["merge"]
-            victim = await pipeline.reader(merged, read_at_least=5_000, timeout=120)
+            victim = await reader(merged, 5_000)
             feed.go_on(2)
             assert await pipeline.stop(victim, signal.SIGKILL) == -signal.SIGKILL
             await pipeline.start_aggregator(victim)
@@ -182,3 +189,23 @@ def _scenario_as_planned(p: Any, feed: Feed, parent: str, merged: str) -> None:
     assert shards(p.late) == children | {merged}
     assert shards(p.duplicates) == {parent, merged} | children
     assert shards(p.past_horizon) == {merged}
+
+
+async def _stored(dynamodb: Any, s: Settings) -> str:
+    """The aggregator's leases (checkpoint, owner, state reference) and the state table's
+    items, for a failure message."""
+    leases = await scan_table(dynamodb, s.aggregate_lease_table_name)
+    state_table = s.replace(lease_table_name=s.aggregate_lease_table_name).state_table_name
+    parts = await dynamodb.scan(
+        TableName=state_table,
+        ProjectionExpression="shardId, #p",
+        ExpressionAttributeNames={"#p": "part"},
+    )
+    lines = [
+        f"lease {item['leaseKey']['S']}: {item.get('checkpoint', {}).get('S')} "
+        f"owner {item.get('leaseOwner', {}).get('S')} "
+        f"state {item.get('wildrydesStateRef', {}).get('S')}"
+        for item in leases
+    ]
+    lines += sorted(f"state item {i['shardId']['S']} {i['part']['S']}" for i in parts["Items"])
+    return "\n".join(lines)
