@@ -581,6 +581,10 @@ class ShardSupervisor:
         async with owned.checkpointing:
             if owned.progress.fenced:
                 raise LeaseLostError(owned.shard_id)  # what it finished is not ours to store
+            if owned.lease.at_shard_end:
+                # Queued behind SHARD_END: the lease keeps it, so no state may be committed
+                # (a full copy's pruning would delete the segments the children load).
+                return
             ref = await owned.state.prepare(upto) if owned.state is not None else None
             await self._leases.checkpoint(owned.lease, value, ref)
             self._committed(owned)
