@@ -384,10 +384,18 @@ class ShardWindows:
                         self.unicorns[name] = Unicorn(value)
                     else:
                         unicorn.latest_ms = max(unicorn.latest_ms, value)
-        for entries in parts:
-            for (name, part), value in entries.items():
-                if part.startswith(WINDOW):
-                    self._restore_window(name, int(part.removeprefix(WINDOW)), value)
+        # In event-time order, whatever order the entries are stored in: a unicorn's windows
+        # are put (here, when due later, when idle) in the order they are held, and `run`'s
+        # alerts ignore a window older than one already seen.
+        stored = [
+            (int(part.removeprefix(WINDOW)), name, value)
+            for entries in parts
+            for (name, part), value in entries.items()
+            if part.startswith(WINDOW)
+        ]
+        stored.sort(key=lambda window: window[0])
+        for start, name, value in stored:
+            self._restore_window(name, start, value)
         for window in self.open.values():
             self._hold(window, window_bytes(window.name, window.seen))
         emissions: list[Emission] = []
