@@ -336,7 +336,7 @@ async def test_unwritable_dead_letter_file_is_one_line_naming_the_setting(
     missing_dir = tmp_path / "no-such-dir" / "deadletter.jsonl"
     env = service_env(resources, aws_env, deadletter_file=str(missing_dir))
     code, _, stderr = await run_to_exit(env, "run")
-    assert code == 1
+    assert code == 2  # a setting that cannot work (README, "Exit codes")
     assert stderr.splitlines() == [stderr.strip()], stderr
     assert str(missing_dir) in stderr
     assert "WILDRYDES_DEADLETTER_FILE" in stderr
