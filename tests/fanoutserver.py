@@ -334,6 +334,8 @@ class Subscribed:
     events: int = 0
     flow_blocked: int = 0
     """Times the server found the stream's window too small and waited."""
+    waiting_for_window: bool = False
+    """True while it waits so now."""
 
 
 class FanoutServer:
@@ -531,7 +533,11 @@ class _ServerConnection(asyncio.Protocol):
             if window <= 0:
                 seen.flow_blocked += 1
                 waiter = self.windows[stream_id] = asyncio.Event()
-                await waiter.wait()
+                seen.waiting_for_window = True
+                try:
+                    await waiter.wait()
+                finally:
+                    seen.waiting_for_window = False
                 if self.transport is None or self.transport.is_closing():
                     raise ConnectionResetError
                 continue

@@ -17,6 +17,7 @@ from typing import Any
 from aiobotocore.session import get_session
 
 from wildrydes_stream.local.fleet import Unicorn
+from wildrydes_stream.runtime.budget import ByteBudget
 
 SHARED_DATA = Path(
     os.environ.get("WILDRYDES_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")
@@ -106,3 +107,19 @@ def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return condition
+
+
+class Peak:
+    """The most a byte budget has held, seen at every take; and every amount taken."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.value = 0
+        self.takes: list[int] = []
+        take = budget.take
+
+        def taking(size: int) -> None:
+            take(size)
+            self.value = max(self.value, budget.used)
+            self.takes.append(size)
+
+        budget.take = taking  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ import pytest
 from aiobotocore.credentials import AioCredentials
 
 from tests.fanoutserver import FanoutServer, MemoryFeed, Script
-from tests.helpers import holds, wait_for
+from tests.helpers import Peak, holds, wait_for
 from wildrydes_stream.aws.fanout import FanoutClient
 from wildrydes_stream.aws.h2 import STREAM_WINDOW
 from wildrydes_stream.config import Settings
@@ -26,7 +26,7 @@ from wildrydes_stream.errors import MissingResourceError, RecordError
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.records.position import position, sequence_of
-from wildrydes_stream.runtime.budget import ByteBudget
+from wildrydes_stream.runtime.budget import MAX_PAGE_BYTES, ByteBudget
 from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
 from wildrydes_stream.source.registration import active_consumer
 
@@ -330,3 +330,42 @@ async def test_consumer_not_active_in_time_stops_the_start(harness: Harness) -> 
         await active_consumer(
             harness.client, harness.feed.stream_arn(), "slow", interval=0.01, timeout=0.2
         )
+
+
+async def test_events_of_10_mib_stay_within_the_byte_bound(harness: Harness) -> None:
+    """A message's size is known from its first bytes; the rest is read only once the bound
+    has room for it, so records of 10 MiB (events of ~14 MB on the wire) never take the bytes
+    held past the bound, and all of them come through once the sink drains."""
+    bound = 4 * MAX_PAGE_BYTES + 1024 * 1024  # four events fit, a fifth does not
+    harness.budget = budget = ByteBudget(bound)
+    peak = Peak(budget)
+    # A sink that takes every record and holds its bytes (a queue of records being written).
+    held: list[Envelope] = []
+    drained = asyncio.Event()
+    draining = harness.dispatch
+
+    async def holding(envelopes: list[Envelope]) -> None:
+        if drained.is_set():
+            await draining(envelopes)
+        else:
+            held.extend(envelopes)
+
+    harness.dispatch = holding  # type: ignore[method-assign]
+    harness.server.max_records_per_event = 1
+    put = harness.put(6, size=MAX_PAGE_BYTES)
+    subscriber = harness.subscriber(ShardProgress(SHARD))
+    task = asyncio.create_task(subscriber.run("TRIM_HORIZON"))
+    # Four events held, 1 MiB short of the bound: the fifth's first bytes are in, and the
+    # reader waits for room before reading the rest.
+    await wait_for(holds(lambda: harness.metrics.memory_waits._value.get() == 1), timeout=30)
+    assert len(held) == 4
+    assert budget.used == 4 * MAX_PAGE_BYTES
+    seen = await _first_subscription(harness)
+    await wait_for(holds(lambda: seen.waiting_for_window), timeout=10)
+    drained.set()
+    await draining(held)
+    await wait_for(holds(lambda: len(harness.read) == 6), timeout=60)
+    subscriber.halt()
+    await asyncio.wait_for(task, 10)
+    assert harness.read == put
+    assert peak.value <= bound, f"held {peak.value:,} bytes against a bound of {bound:,}"

@@ -22,11 +22,13 @@ import orjson
 from botocore.eventstream import EventStreamBuffer, EventStreamMessage
 from botocore.exceptions import ClientError, NoCredentialsError
 
-from wildrydes_stream.aws.h2 import H2Pool, H2Response
+from wildrydes_stream.aws.h2 import H2Pool, H2Response, StreamClosed
 from wildrydes_stream.aws.lean import Signer, _client_error
 
 TARGET_PREFIX: Final = "Kinesis_20131202"
 CONTENT_TYPE: Final = "application/x-amz-json-1.1"
+PRELUDE_LENGTH_BYTES: Final = 4
+"""An event-stream message starts with its total length, a big-endian 32-bit integer."""
 
 
 class FanoutClient:
@@ -106,29 +108,56 @@ def starting_position(position: str, since: datetime | None) -> dict[str, Any]:
 
 
 class Subscription:
-    """One SubscribeToShard response: its events, one at a time, read only when asked for (so
-    a reader that stops asking stops the server through HTTP/2 flow control)."""
+    """One SubscribeToShard response: its messages, one at a time, read only when asked for
+    (so a reader that stops asking stops the server through HTTP/2 flow control).
+
+    A message is read in two steps: `message_size` as soon as its first bytes arrive (the
+    prelude says how long it is), then `next_message` for the rest. Between them the reader
+    can make room in its byte bound for a message of up to 10 MiB of records before
+    receiving more than a stream window of it."""
 
     def __init__(self, response: H2Response) -> None:
         self.response = response
-        self._buffer = EventStreamBuffer()
-        self._messages = iter(self._buffer)
+        self._pending = bytearray()
+
+    async def message_size(self) -> int | None:
+        """Bytes of the next message (its prelude's total length), None when the server ended
+        the subscription between messages; StreamClosed when it was cut off."""
+        while len(self._pending) < PRELUDE_LENGTH_BYTES:
+            if not await self._receive():
+                if self._pending:
+                    raise StreamClosed("subscription ended inside a message")
+                return None
+        return int.from_bytes(self._pending[:PRELUDE_LENGTH_BYTES], "big")
+
+    async def next_message(self) -> dict[str, Any] | None:
+        """The next message decoded: a SubscribeToShardEvent (Records' Data decoded, arrival
+        times as epoch seconds), None for a message of another kind (initial-response);
+        ClientError for an exception event, StreamClosed when the stream was cut off."""
+        size = await self.message_size()
+        if size is None:
+            raise StreamClosed("subscription ended before its next message")
+        while len(self._pending) < size:
+            if not await self._receive():
+                raise StreamClosed("subscription ended inside a message")
+        frame = bytes(self._pending[:size])
+        del self._pending[:size]
+        decoder = EventStreamBuffer()
+        decoder.add_data(frame)
+        return _event(next(iter(decoder)))
 
     async def next_event(self) -> dict[str, Any] | None:
-        """The next SubscribeToShardEvent (Records' Data decoded, arrival times as epoch
-        seconds), None when the server ended the subscription; ClientError for an exception
-        event, StreamClosed when the stream was cut off."""
-        while True:
-            message = next(self._messages, None)
-            if message is None:
-                chunk = await self.response.read()
-                if not chunk:
-                    return None
-                self._buffer.add_data(chunk)
-                continue
-            event = _event(message)
+        """The next SubscribeToShardEvent, None when the server ended the subscription."""
+        while await self.message_size() is not None:
+            event = await self.next_message()
             if event is not None:
                 return event
+        return None
+
+    async def _receive(self) -> bool:
+        chunk = await self.response.read()
+        self._pending += chunk
+        return bool(chunk)
 
     def close(self) -> None:
         self.response.close()

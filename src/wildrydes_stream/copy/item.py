@@ -35,10 +35,14 @@ def decode_item(data: bytes, status_time_format: StatusTimeFormat) -> tuple[Item
     dead-lettered rather than stop the shard, or every restart would stop on it again.
     """
     try:
-        fast = _decode_plain_item(data, status_time_format)
-        if fast is not None:
-            return fast
-        return _decode_item(data, status_time_format)
+        decoded = _decode_plain_item(data, status_time_format) or _decode_item(
+            data, status_time_format
+        )
+        # An item is never larger than the flat JSON object it comes from (escapes, numbers,
+        # true and null only shrink), so only records past the limit need measuring.
+        if len(data) > MAX_ITEM_BYTES:
+            _check_item_size(decoded[1])
+        return decoded
     except RecordError:
         raise
     except Exception as exc:
@@ -158,6 +162,49 @@ def _attribute(field: str, value: Any) -> AttributeValue:
     if value is None:
         return {"NULL": True}
     raise RecordError(f"{field} holds a nested value the table does not take")
+
+
+MAX_ITEM_BYTES: Final = 400 * 1024
+"""DynamoDB's item size limit: attribute names and values together."""
+
+
+def item_size(item: Item) -> int:
+    """An item's size as DynamoDB counts it against MAX_ITEM_BYTES: each attribute's name and
+    value in UTF-8, a number by its significant digits, a boolean or null one byte."""
+    size = 0
+    for name, attribute in item.items():
+        size += len(name.encode())
+        for kind, value in attribute.items():
+            if kind == "S":
+                size += len(value.encode())
+            elif kind == "N":
+                size += _number_size(value)
+            else:
+                size += 1
+    return size
+
+
+def _number_size(text: str) -> int:
+    """Bytes of a number in DynamoDB's format: two significant digits a byte, one more for the
+    exponent, one for a minus sign, one when an even count of digits starts at an even
+    exponent."""
+    number = Decimal(text)
+    if number == 0:
+        return 1
+    digits = len("".join(map(str, number.as_tuple().digits)).strip("0"))
+    size = 1 + (digits + 1) // 2 + (1 if number < 0 else 0)
+    if digits % 2 == 0 and number.adjusted() % 2 == 0:
+        size += 1
+    return size
+
+
+def _check_item_size(item: Item) -> None:
+    size = item_size(item)
+    if size > MAX_ITEM_BYTES:
+        raise RecordError(
+            f"item is {size:,} bytes, over DynamoDB's item limit of 400 KB "
+            f"({MAX_ITEM_BYTES:,} bytes): the table cannot take it"
+        )
 
 
 # DynamoDB numbers: up to 38 significant digits, magnitude 1E-130 to 9.9999...E+125. A number

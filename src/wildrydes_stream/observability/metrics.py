@@ -96,6 +96,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.memory_waits = Counter(
+            "reader_memory_waits_total",
+            "Times a shard reader waited for room under max_buffered_bytes before reading "
+            "more: what was read is not written (or put) as fast as it arrives.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.kpl_aggregates = Counter(
             "kpl_aggregates_total",
             "KPL aggregated records split into their user records.",

@@ -9,9 +9,11 @@ event for `stall_seconds`) is retried with backoff from the last continuation of
 was handed on, so nothing is skipped, and nothing is read twice but the records of an event cut
 off mid-way (never handed on).
 
-Back-pressure: the next event is read from the stream only when the byte bound has room, so
-with the sink full the stream is not read, HTTP/2 flow control stops the server after one stream
-window (aws/h2.py), and memory stays within `max_buffered_bytes` (plus that window a shard).
+Back-pressure: once the first bytes of the next message say how long it is, the rest is read
+only when the byte bound has room for it (the message is held from then on), so with the sink
+full the stream is not read, HTTP/2 flow control stops the server after one stream window
+(aws/h2.py), and memory stays within `max_buffered_bytes` (plus that window a shard) even for
+events of 10 MiB of records.
 
 An event with ChildShards ends the shard, as SHARD_END does when polling: the shard's progress
 ends once its records are handed on, and the children are read after their parents, as today.
@@ -21,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from wildrydes_stream.aws.fanout import FanoutClient, Subscription, starting_position
 from wildrydes_stream.aws.retry import backoff_delay, error_code
@@ -31,7 +34,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
-from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
+from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.source.pages import (
     Decode,
     Dispatch,
@@ -41,6 +44,7 @@ from wildrydes_stream.source.pages import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API: Final = "SubscribeToShard"
 STALL_SECONDS: Final = 30.0
@@ -173,34 +177,50 @@ class ShardSubscriber(ShardReader):
             subscription.close()
 
     async def _read_events(self, subscription: Subscription) -> bool:
-        budget = self._budget
-        stall = self._fanout.stall_seconds
         while True:
-            if budget.used >= budget.maximum:
-                # Not reading is what stops the server: its window fills and it waits.
-                await wait_any(budget.room, self._stopping, self._halted)
-            if self._quitting() or self._progress.fenced:
-                return False
-            try:
-                async with asyncio.timeout(stall):
-                    event = await subscription.next_event()
-            except TimeoutError:
-                retired = self._fanout.client.pool.retire_if_silent(subscription.response, stall)
-                raise TimeoutError(
-                    f"no event for {stall:.0f} s"
-                    + (" (connection silent, closed)" if retired else "")
-                ) from None
-            if event is None:
+            size = await self._within_stall(subscription, subscription.message_size())
+            if size is None:
                 raise _Renew
+            if not await self._room_for(size):
+                return False
+            # The message's bytes are held from here: the bound holds however large it is.
+            reserved = min(size, self._budget.page_bytes)
+            self._budget.take(reserved)
+            try:
+                event = await self._within_stall(subscription, subscription.next_message())
+            except BaseException:
+                self._budget.give_back(reserved)
+                raise
             self._blocked.succeeded(API)
-            if await self._take(event):
+            if event is None:
+                self._budget.give_back(reserved)
+            elif await self._take(event, reserved):
                 return True
 
-    async def _take(self, event: dict[str, Any]) -> bool:
-        """Hand an event's records on; True when it ends the shard."""
+    async def _room_for(self, size: int) -> bool:
+        """Wait until the byte bound has room for a message of `size` bytes; False when halted
+        or fenced meanwhile. Not reading is what stops the server: its window fills and it
+        waits."""
+        return await self._wait_for_room() and not self._progress.fenced
+
+    async def _within_stall(self, subscription: Subscription, step: Awaitable[T]) -> T:
+        """`step`, or TimeoutError when the server sends nothing for `stall_seconds`."""
+        stall = self._fanout.stall_seconds
+        try:
+            async with asyncio.timeout(stall):
+                return await step
+        except TimeoutError:
+            retired = self._fanout.client.pool.retire_if_silent(subscription.response, stall)
+            raise TimeoutError(
+                f"no event for {stall:.0f} s" + (" (connection silent, closed)" if retired else "")
+            ) from None
+
+    async def _take(self, event: dict[str, Any], reserved: int) -> bool:
+        """Hand an event's records on (their bytes replacing the event's reservation); True
+        when it ends the shard."""
         records: list[dict[str, Any]] = event.get("Records") or []
+        size = self._hold_page(records, reserved)
         if records:
-            size = self._hold_page(records, 0)
             await self._handle(records, size)
         continuation = event.get("ContinuationSequenceNumber")
         if continuation:

@@ -30,7 +30,7 @@ from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
-from wildrydes_stream.runtime.waiting import wait_or_timeout
+from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
 from wildrydes_stream.source.unpack import UserRecords, unpack
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,17 @@ class ShardReader:
 
     def _quitting(self) -> bool:
         return self._stopping.is_set() or self._halted.is_set()
+
+    async def _wait_for_room(self) -> bool:
+        """Until one more page fits in the byte bound (counted in the metrics when it does not
+        at once); False when stopping or halted meanwhile."""
+        budget = self._budget
+        if not budget.room.is_set():
+            self._metrics.memory_waits.inc()
+            # Each waiter looks again when woken: the first one may have taken the room.
+            while not budget.room.is_set() and not self._quitting():
+                await wait_any(budget.room, self._stopping, self._halted)
+        return not self._quitting()
 
     def halt(self) -> None:
         """Read no more (the lease is being handed over, or the service stops): the page

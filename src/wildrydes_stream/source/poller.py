@@ -21,7 +21,6 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
-from wildrydes_stream.runtime.waiting import wait_any
 from wildrydes_stream.source.pages import (
     FIRST_RECORD_SIZE_GUESS,
     Decode,
@@ -42,9 +41,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 # The Limit of a poll after one that found the shard caught up: at least this, twice what that
-# poll read. A page's bytes are reserved in the byte bound before the call, so 256 idle shards
-# asking for the full 10,000 records each would hold the bound between them and queue behind
-# each other for nothing; a shard that is behind again asks for the full page at once.
+# poll read: a small page is cheap to parse when it comes; a shard that is behind again asks
+# for the full page at once.
 CAUGHT_UP_LIMIT = 200
 
 
@@ -111,7 +109,8 @@ class ShardPoller(ShardReader):
             if limit == 0:
                 break
             last_call = time.monotonic()
-            reserved = int(limit * self._record_size)
+            # The largest page Kinesis may answer with: the bound holds whatever comes back.
+            reserved = self._budget.page_bytes
             self._budget.take(reserved)
             try:
                 response = await self._client.get_records(ShardIterator=iterator, Limit=limit)
@@ -157,14 +156,12 @@ class ShardPoller(ShardReader):
     async def _room_for_a_page(self) -> int:
         """The Limit of the next GetRecords: as many records as fit in the byte bound, after
         waiting while nothing does; 0 when stopping."""
-        budget = self._budget
-        await wait_any(budget.room, self._stopping, self._halted)
-        if self._quitting():
+        if not await self._wait_for_room():
             return 0
         most = self._settings.get_records_limit
         if self._page_cap is not None:
             most = min(most, self._page_cap)
-        return budget.limit_for(self._record_size, most)
+        return self._budget.limit_for(self._record_size, most)
 
     def _again(self, checkpoint: str) -> str:
         """Where to ask for an iterator again when nothing has been read yet."""
