@@ -531,7 +531,10 @@ async def _status(settings: Settings, app: str, as_json: bool) -> int:
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients(fast=False) as clients:
-        report = await status(clients.kinesis, clients.dynamodb_control, settings, app)
+        # A fan-out endpoint of its own (a local server) serves the consumer calls too.
+        url = settings.fanout_endpoint_url
+        consumers = await clients.fanout(url) if url else None
+        report = await status(clients.kinesis, clients.dynamodb_control, settings, app, consumers)
     print(render(report, as_json))
     return 0
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from aiobotocore.credentials import AioCredentials
 
 from tests.aggregate.test_aggregate import aggregate_settings
 from tests.copy.test_faults import make_records
@@ -16,6 +17,7 @@ from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.admin.reset import Target, reset
 from wildrydes_stream.admin.status import status
 from wildrydes_stream.aggregate.app import Aggregator
+from wildrydes_stream.aws.fanout import FanoutClient
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.leases import LeaseTable
 from wildrydes_stream.copy.app import Service
@@ -240,3 +242,49 @@ async def test_status_names_the_setting_of_a_missing_stream_and_reset_refuses_a_
         "wildrydes-stream: --to 2999-01-01T00:00: the time is in the future, there is nothing "
         "to read from there; give a past time, or LATEST for only what comes next"
     ]
+
+
+async def test_status_shows_the_fanout_consumer_and_its_state(
+    quick: Settings, aws_env: dict[str, str], kinesis: Any, dynamodb: Any, read_mode: Any
+) -> None:
+    """In `fanout` mode: `not registered` before the first start, ACTIVE with its ARN once
+    the service registered it; from the command line too. In `polling` mode against a Kinesis
+    without enhanced fan-out (kinesalite), no consumer line and no error."""
+    settings = await read_mode.apply(quick)
+    env = service_env(settings, aws_env)
+    if read_mode.mode == "polling":
+        report = await status(kinesis, dynamodb, settings, "run")
+        assert report.fanout_consumer is None
+        code, stdout, stderr = await run_to_exit(env, "status")
+        assert code == 0, stderr
+        assert "fan-out consumer" not in stdout
+        return
+    [server] = read_mode.servers
+    client = FanoutClient(server.url, "us-east-1", AioCredentials("test", "test"))
+    try:
+        before = await status(kinesis, dynamodb, settings, "run", client)
+        assert before.fanout_consumer is not None
+        assert before.fanout_consumer.state == "not registered"
+        assert before.fanout_consumer.in_use
+
+        records = make_records(20)
+        await put_records(kinesis, settings.stream_name, records)
+        async with Service(settings) as service:
+            await wait_for(holds(lambda: service.metrics.snapshot().written == len(records)))
+        after = await status(kinesis, dynamodb, settings, "run", client)
+    finally:
+        await client.close()
+    consumer = after.fanout_consumer
+    assert consumer is not None
+    assert (consumer.name, consumer.state) == (settings.fanout_consumer_name, "ACTIVE")
+    assert consumer.arn in server.consumer_arns()
+
+    code, stdout, stderr = await run_to_exit(env, "status")
+    assert code == 0, stderr
+    assert f"fan-out consumer {settings.fanout_consumer_name}: ACTIVE" in stdout
+    assert consumer.arn is not None
+    assert consumer.arn in stdout
+    assert consumer.created is not None
+    assert f"registered {consumer.created}" in stdout
+    code, stdout, stderr = await run_to_exit(env, "status", "--json")
+    assert json.loads(stdout)["fanout_consumer"]["state"] == "ACTIVE"

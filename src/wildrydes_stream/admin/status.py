@@ -2,7 +2,9 @@
 
 Reads only: ListShards, a scan of the lease table twice (to tell live owners from gone ones)
 and, for each shard with unread records, one GetRecords after its checkpoint (how far behind
-it is: Kinesis's MillisBehindLatest, and how old the oldest unread record is).
+it is: Kinesis's MillisBehindLatest, and how old the oldest unread record is). Also the
+application's enhanced fan-out consumer (DescribeStreamConsumer): its state in `fanout` mode,
+and in `polling` mode whether one of that name is still registered (and charged for) unused.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.admin.liveness import scan_twice
-from wildrydes_stream.aws.retry import error_code
+from wildrydes_stream.aws.retry import describe_error, error_code
 from wildrydes_stream.config import Settings, stream_setting
 from wildrydes_stream.consumer.lease import SHARD_END, Lease
 from wildrydes_stream.consumer.leases import LeaseTable
@@ -39,6 +41,23 @@ class ShardStatus:
 
 
 @dataclass
+class ConsumerStatus:
+    """The application's enhanced fan-out stream consumer."""
+
+    name: str
+    state: str
+    """ACTIVE, CREATING, DELETING, `not registered`, or why it could not be described."""
+    arn: str | None
+    created: str | None
+    in_use: bool
+    """read_mode is `fanout`: the service reads through it."""
+
+
+class DescribesConsumers(Protocol):
+    async def describe_stream_consumer(self, stream_arn: str, name: str) -> dict[str, Any]: ...
+
+
+@dataclass
 class Status:
     application: str
     """`run` or `aggregate`: whose consumer this is."""
@@ -48,11 +67,20 @@ class Status:
     workers: dict[str, list[str]]
     """Owner -> shards it holds."""
     alive: list[str]
+    fanout_consumer: ConsumerStatus | None = None
+    """In `fanout` mode always; in `polling` mode only when one is registered unused."""
 
 
-async def status(kinesis: Any, dynamodb: Any, settings: Settings, application: str) -> Status:
+async def status(
+    kinesis: Any,
+    dynamodb: Any,
+    settings: Settings,
+    application: str,
+    consumers: DescribesConsumers | None = None,
+) -> Status:
     """`settings` as the application's consumer reads: for `aggregate`, the raw stream and
-    its own lease table (aggregate/app.py consumer_settings)."""
+    its own lease table (aggregate/app.py consumer_settings). `consumers` describes stream
+    consumers (the fan-out client when `fanout_endpoint_url` is set); else `kinesis` does."""
     try:
         shards = await list_shards(kinesis, settings.stream_name)
     except MissingResourceError:
@@ -76,7 +104,53 @@ async def status(kinesis: Any, dynamodb: Any, settings: Settings, application: s
         rows,
         {owner: sorted(held) for owner, held in sorted(workers.items())},
         sorted(alive),
+        await _fanout_consumer(consumers or _BotocoreConsumers(kinesis), kinesis, settings),
     )
+
+
+async def _fanout_consumer(
+    consumers: DescribesConsumers, kinesis: Any, settings: Settings
+) -> ConsumerStatus | None:
+    in_use = settings.read_mode == "fanout"
+    name = settings.fanout_consumer_name
+    try:
+        summary = await kinesis.describe_stream_summary(StreamName=settings.stream_name)
+        arn = str(summary["StreamDescriptionSummary"]["StreamARN"])
+        description = await consumers.describe_stream_consumer(arn, name)
+    except ClientError as exc:
+        if error_code(exc) == "ResourceNotFoundException":
+            return ConsumerStatus(name, "not registered", None, None, in_use) if in_use else None
+        if not in_use:  # a Kinesis without enhanced fan-out (an emulator): nothing to show
+            return None
+        return ConsumerStatus(name, f"cannot be described: {describe_error(exc)}", None, None, True)
+    created = description.get("ConsumerCreationTimestamp")
+    return ConsumerStatus(
+        name,
+        str(description.get("ConsumerStatus", "?")),
+        str(description.get("ConsumerARN")),
+        _timestamp(created),
+        in_use,
+    )
+
+
+def _timestamp(value: Any) -> str | None:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
+    return None
+
+
+class _BotocoreConsumers:
+    def __init__(self, kinesis: Any) -> None:
+        self._kinesis = kinesis
+
+    async def describe_stream_consumer(self, stream_arn: str, name: str) -> dict[str, Any]:
+        answer = await self._kinesis.describe_stream_consumer(
+            StreamARN=stream_arn, ConsumerName=name
+        )
+        description: dict[str, Any] = answer["ConsumerDescription"]
+        return description
 
 
 async def _shard_status(
@@ -163,4 +237,21 @@ def render(report: Status, as_json: bool) -> str:
         lines.append(f"{owner:28} {alive:6} {len(held)}: {', '.join(held)}")
     if not report.workers:
         lines.append("(no worker holds a lease)")
+    consumer = report.fanout_consumer
+    if consumer is not None:
+        lines += ["", _consumer_line(consumer)]
     return "\n".join(lines)
+
+
+def _consumer_line(consumer: ConsumerStatus) -> str:
+    line = f"fan-out consumer {consumer.name}: {consumer.state}"
+    if consumer.created:
+        line += f", registered {consumer.created}"
+    if consumer.arn:
+        line += f" ({consumer.arn})"
+    if not consumer.in_use:
+        line += (
+            "; read_mode is polling, so nothing reads through it, yet it is charged while "
+            "registered: deregister it (DeregisterStreamConsumer) if no replica will use it"
+        )
+    return line
