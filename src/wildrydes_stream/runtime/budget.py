@@ -14,6 +14,7 @@ with its own reservation, and the bound holds whatever they receive.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Final
 
 MAX_PAGE_BYTES: Final = 10 * 1024 * 1024
@@ -33,6 +34,7 @@ class ByteBudget:
         self.room = asyncio.Event()
         """Set while one more page fits: `used + page_bytes <= maximum`."""
         self.room.set()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def take(self, size: int) -> None:
         """Count `size` bytes as held (a reservation, a page just read, a window)."""
@@ -44,6 +46,29 @@ class ByteBudget:
         self.used = max(0, self.used - size)
         if self.used + self.page_bytes <= self.maximum:
             self.room.set()
+            if self._waiters:
+                self.wake_waiters()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved once a page may fit again; its holder then looks again.
+
+        Readers wait in line on one bare future each, woken only as many at a time as pages
+        fit: with hundreds of shards polling together a wait on the `room` event would cost
+        each of them tasks and wake all of them for each page that came back."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return future
+
+    def wake_waiters(self) -> None:
+        """Wake as many waiters as pages fit (a woken reader that no longer wants the room
+        calls this again, passing its turn on)."""
+        fits = (self.maximum - self.used) // self.page_bytes
+        waiters = self._waiters
+        while fits > 0 and waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                fits -= 1
 
     def limit_for(self, record_size: float, most: int) -> int:
         """How many records of about `record_size` bytes one page may ask for: `most` when the

@@ -30,7 +30,7 @@ from wildrydes_stream.observability.health import BlockedCalls
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.runtime.budget import ByteBudget
-from wildrydes_stream.runtime.waiting import wait_any, wait_or_timeout
+from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.source.unpack import UserRecords, unpack
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,16 @@ class ShardReader:
         budget = self._budget
         if not budget.room.is_set():
             self._metrics.memory_waits.inc()
-            # Each waiter looks again when woken: the first one may have taken the room.
+            # Each waiter looks again when woken: another may have taken the room first.
+            # `halt` ends the wait as it ends a pause (a stop halts every reader).
             while not budget.room.is_set() and not self._quitting():
-                await wait_any(budget.room, self._stopping, self._halted)
+                self._sleeper = waiter = budget.waiter()
+                try:
+                    await waiter
+                finally:
+                    self._sleeper = None
+            if self._quitting() and budget.room.is_set():
+                budget.wake_waiters()  # the turn this reader was woken for goes to another
         return not self._quitting()
 
     def halt(self) -> None:
