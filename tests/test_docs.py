@@ -59,16 +59,14 @@ def test_metric_tables_cover_every_family_of_both_applications() -> None:
 
 
 def test_a_help_text_change_makes_the_table_stale(monkeypatch: pytest.MonkeyPatch) -> None:
-    from wildrydes_stream.observability import metrics
-
-    real = metrics.Counter
+    from prometheus_client import Counter as real
 
     def reworded(name: str, documentation: str, *args: object, **kwargs: object) -> object:
         if name == "records_written_total":
             documentation += " Reworded."
         return real(name, documentation, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(metrics, "Counter", reworded)
+    monkeypatch.setattr("wildrydes_stream.observability.metrics.Counter", reworded)
     assert generated_block("run") != render_metrics("markdown", "run")
 
 
