@@ -83,13 +83,13 @@ image:
 bench: setup $(TEST_STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
-# A 90 s DynamoDB outage under load, on the emulators (README "When AWS fails"); with
+# A 90 s DynamoDB outage under load, on the emulators (docs/performance.md "An outage under load"); with
 # ARGS='--app aggregate', a 240 s PutRecords outage under the aggregator: peak RSS, the byte
-# budget, paused pollers, every window put after (README "The aggregation stage").
+# budget, paused pollers, every window put after (docs/how-it-works.md "The aggregation stage").
 outage: setup $(TEST_STAMP)
 	$(BIN)/python -m bench.outage $(ARGS)
 
-# Replicas sharing a stream: duplicate writes and pickup time per phase (README "Architecture").
+# Replicas sharing a stream: duplicate writes and pickup time per phase (docs/performance.md "Replicas").
 replicas: setup $(TEST_STAMP)
 	$(BIN)/python -m bench.replicas $(ARGS)
 

@@ -1,6 +1,7 @@
 """Command line: `run` (the service), `aggregate` (raw readings -> per-minute windows), `local`
 (everything on this machine), `provision`, `redrive` (dead letters back where they were going),
-`settings`, `produce` (the workshop's producer)."""
+`status`, `reset`, `settings`, `metrics` (the metric families, for the docs), `produce` (the
+workshop's producer)."""
 
 from __future__ import annotations
 
@@ -103,9 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated seconds per real second (60: a simulated minute a second)",
     )
     provision = commands.add_parser(
-        "provision", help="create the stream and the table if missing (development)"
+        "provision",
+        help="create what an application reads and writes if missing: run's stream and table, "
+        "or aggregate's two streams",
     )
     _settings_options(provision)
+    _application_option(
+        provision,
+        "what to create",
+        "run's (default; stream_name and table_name) or aggregate's (raw_stream_name and "
+        "stream_name)",
+    )
     provision.add_argument(
         "--shards", type=_positive(int), default=4, help="shards of a new stream"
     )
@@ -177,13 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("text", "markdown", "toml"),
         default="text",
-        help="markdown: the README's table; toml: an example settings file",
+        help="markdown: the table of docs/operating.md; toml: an example settings file",
     )
     listing.add_argument(
         "--effective",
         action="store_true",
         help="the settings in effect here (defaults, --config file, WILDRYDES_* variables) "
         "and where each came from",
+    )
+    catalog = commands.add_parser(
+        "metrics",
+        help="print every metric family run and aggregate serve at /metrics, with its HELP",
+    )
+    catalog.add_argument(
+        "--format",
+        choices=("text", "markdown"),
+        default="text",
+        help="markdown: the tables of docs/operating.md",
     )
     return parser
 
@@ -202,15 +221,19 @@ def _settings_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _application_option(command: argparse.ArgumentParser, what: str) -> None:
+def _application_option(
+    command: argparse.ArgumentParser,
+    what: str,
+    detail: str = "run's (default; stream_name, lease_table_name) or aggregate's "
+    "(raw_stream_name, aggregate_lease_table_name)",
+) -> None:
     command.add_argument(
         "--app",
         "--application",
         dest="app",
         choices=APPLICATIONS,
         default="run",
-        help=f"{what}: run's (default; stream_name, lease_table_name) or aggregate's "
-        "(raw_stream_name, aggregate_lease_table_name)",
+        help=f"{what}: {detail}",
     )
 
 
@@ -291,8 +314,8 @@ def _add_produce(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; its exit code (README, "Exit codes"): 0 done, 1 it ran and failed,
-    2 it was not run because its arguments or settings are wrong or missing."""
+    """Run one command; its exit code (docs/operating.md, "Exit codes"): 0 done, 1 it ran and
+    failed, 2 it was not run because its arguments or settings are wrong or missing."""
     try:
         try:
             return _command(argv)
@@ -358,6 +381,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "settings" and not args.effective:
         print(render_settings(args.format))
         return 0
+    if args.command == "metrics":
+        from wildrydes_stream.observability.catalog import render_metrics
+
+        print(render_metrics(args.format))
+        return 0
     if args.command == "produce":
         return _produce_command(args)
     strict = args.strict or os.environ.get("WILDRYDES_STRICT", "").lower() in ("1", "true", "yes")
@@ -384,7 +412,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "aggregate":
         return _run_loop(_aggregate(settings), settings.event_loop)
     if args.command == "provision":
-        return _run_loop(_provision(settings, args.shards))
+        return _run_loop(_provision(settings, args.shards, args.app))
     if args.command == "status":
         return _run_loop(_status(_consumer_settings(settings, args.app), args.app, args.json))
     if args.command == "reset":
@@ -421,7 +449,8 @@ def render_effective(loaded: Loaded) -> str:
 
 
 def render_settings(fmt: str) -> str:
-    """Every setting as text, the README's markdown table, or an example TOML file."""
+    """Every setting as text, the markdown table of docs/operating.md, or an example TOML
+    file."""
     rows = describe()
     if fmt == "markdown":
         lines = ["| Setting | Variable | Default | Meaning |", "|---|---|---|---|"]
@@ -552,15 +581,20 @@ async def _reset(settings: Settings, shards: list[str] | None, target: Any, forc
     return 0
 
 
-async def _provision(settings: Settings, shards: int) -> int:
-    from wildrydes_stream.admin.provision import provision
+async def _provision(settings: Settings, shards: int, app: str = "run") -> int:
+    from wildrydes_stream.admin.provision import provision, provision_aggregate
     from wildrydes_stream.aws.clients import AwsClients
 
     async with AwsClients() as clients:
-        problems = await provision(clients.kinesis, clients.dynamodb_control, settings, shards)
+        if app == "aggregate":
+            problems = await provision_aggregate(clients.kinesis, settings, shards)
+            ready = f"streams {settings.raw_stream_name} and {settings.stream_name} are ready"
+        else:
+            problems = await provision(clients.kinesis, clients.dynamodb_control, settings, shards)
+            ready = f"stream {settings.stream_name} and table {settings.table_name} are ready"
     for problem in problems:
         print(f"wildrydes-stream: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"stream {settings.stream_name} and table {settings.table_name} are ready")
+    print(ready)
     return 0

@@ -1,7 +1,7 @@
 """Settings: defaults, then a TOML file, then `WILDRYDES_<SETTING>` environment variables.
 
 Every setting is one field of `Settings`, with its help text and bounds beside it, so the
-README's configuration table and the validation come from the same place.
+settings table of docs/operating.md and the validation come from the same place.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Settings:
         "How shards are read: `polling` (GetRecords, sharing each shard's 2 MB/s with every "
         "other polling reader) or `fanout` (enhanced fan-out: SubscribeToShard pushes records "
         "over HTTP/2 to a registered stream consumer with its own 2 MB/s a shard; costs extra, "
-        "see README).",
+        "see docs/how-it-works.md).",
     )
     fanout_consumer_name: str = _setting(
         "wildrydes-stream",
@@ -318,7 +318,7 @@ class Settings:
         "uvloop",
         "Event loop of `run` and `aggregate`: `uvloop` (a little less CPU for many idle "
         "shards) or `asyncio` (about a tenth less CPU a record when catching up); see "
-        "README, Performance.",
+        "docs/performance.md.",
     )
 
     @property

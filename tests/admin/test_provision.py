@@ -65,3 +65,21 @@ async def test_zero_shards_is_one_line_and_exit_2(
     assert code == 2
     assert stderr.strip().splitlines()[-1].endswith("argument --shards: must be above 0: '0'")
     assert "Traceback" not in stderr
+
+
+async def test_provision_app_aggregate_creates_both_streams(
+    settings: Settings, aws_env: dict[str, str], kinesis: Any
+) -> None:
+    raw = f"{settings.stream_name}-raw"
+    env = service_env(settings.replace(raw_stream_name=raw), aws_env)
+    args = ("provision", "--app", "aggregate")
+    code, stdout, stderr = await run_to_exit(env, *args, "--shards", "2")
+    assert code == 0, stderr
+    assert f"streams {raw} and {settings.stream_name} are ready" in stdout
+    for name in (raw, settings.stream_name):
+        summary = await kinesis.describe_stream_summary(StreamName=name)
+        assert summary["StreamDescriptionSummary"]["OpenShardCount"] == 2
+    # Asked again with another shard count: the existing stream is reported, not changed.
+    code, _, stderr = await run_to_exit(env, *args, "--shards", "3")
+    assert code == 1
+    assert f"stream {raw} exists with 2 open shards, not 3" in stderr

@@ -5,8 +5,8 @@ names nobody expected, one whose clock runs two hours ahead, some whose magic di
 threshold and recovers), a reading a second each, with late readings, producers' duplicates
 and readings past the horizon placed around a split and a merge of the raw stream's shard.
 
-`expect()` says what those readings must give, from the README's rules alone ("The
-aggregation stage", "Low-magic alerts"), never from the service's code: each unicorn on its
+`expect()` says what those readings must give, from the rules of docs/how-it-works.md alone
+("The aggregation stage", "Low-magic alerts"), never from the service's code: each unicorn on its
 own clock, a reading more than the horizon behind its unicorn's watermark refused, a
 (Name, StatusTime) counted once, one `firing` and one `resolved` alert per dip. The plan keeps
 every reading clear of the rules' edges by `MARGIN_MS` of event time (checked as the
@@ -277,7 +277,7 @@ class _Unicorn:
 
 
 def expect(p: Plan) -> Expected:
-    """What the table and the alerts must end up with, by the README's rules."""
+    """What the table and the alerts must end up with, by the rules of docs/how-it-works.md."""
     unicorns: dict[str, _Unicorn] = {}
     refused: list[int] = []
     for index, planned in enumerate(p.readings):

@@ -9,8 +9,9 @@ one killed again while the merged shard is read, each started again. `run` copie
 aggregates into the table and posts its low-magic alerts to a webhook here.
 
 Every row of the table must equal what its unicorn's readings give (tests/aggregate/
-pipeline_support.py computes that from the README's rules), each dip must give exactly one
-`firing` and one `resolved` alert, and exactly the readings past the horizon are dead-lettered.
+pipeline_support.py computes that from the rules of docs/how-it-works.md), each dip must give
+exactly one `firing` and one `resolved` alert, and exactly the readings past the horizon are
+dead-lettered.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ table accepts is counted by key there, and a producer puts records with distinct
 along, so a key written twice is a duplicate write, whatever the replicas' own metrics say.
 Which shards a replica reads comes from its /metrics (a shard has a lag series while it is
 read there). Every wait is on a condition with a generous timeout; the timings asserted are
-the ones the README promises, measured from what the test saw happen.
+the ones docs/how-it-works.md promises, measured from what the test saw happen.
 """
 
 from __future__ import annotations

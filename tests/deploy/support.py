@@ -27,7 +27,8 @@ GRAFANA = ROOT / "config" / "grafana"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-# Placeholders the deploy files may carry, replaced at deploy time (README "Deploy").
+# Placeholders the deploy files may carry, replaced at deploy time (docs/operating.md, "Deploy
+# from zero").
 PLACEHOLDERS = {
     "AWS_REGION": "eu-west-1",
     "ACCOUNT_ID": "123456789012",

@@ -452,10 +452,11 @@ class PodSize:
 
 
 def documented_pod_size() -> PodSize:
-    """The pod README's "Scale-out arithmetic" works with: `pods of 1 CPU and 256 MiB`."""
-    readme = (d.ROOT / "README.md").read_text()
-    match = re.search(r"pods of (\d+(?:\.\d+)?) CPU and (\d+) MiB", readme.replace("\n", " "))
-    assert match, "README no longer states the pod size its sizing assumes"
+    """The pod docs/performance.md's "Scale-out arithmetic" works with: `pods of 1 CPU and
+    256 MiB`."""
+    text = (d.ROOT / "docs" / "performance.md").read_text()
+    match = re.search(r"pods of (\d+(?:\.\d+)?) CPU and (\d+) MiB", text.replace("\n", " "))
+    assert match, "docs/performance.md no longer states the pod size its sizing assumes"
     return PodSize(float(match.group(1)), int(match.group(2)) * 2**20)
 
 
@@ -499,12 +500,12 @@ def test_deployment_is_restricted_probed_and_outlives_the_drain(app: str) -> Non
         "restricted"
     )
 
-    # Requests and limits for CPU and memory, as README's sizing works them out.
+    # Requests and limits for CPU and memory, as the sizing of docs/performance.md works them out.
     for bound in ("requests", "limits"):
         assert set(main["resources"][bound]) >= {"cpu", "memory"}, bound
     sizing = documented_pod_size()
     requests, limits = main["resources"]["requests"], main["resources"]["limits"]
-    assert cpu_cores(requests["cpu"]) == sizing.cpu, "the README sizes pods at this CPU"
+    assert cpu_cores(requests["cpu"]) == sizing.cpu, "docs/performance.md sizes pods at this CPU"
     # One process uses one core: more than that would be idle, less throttles the share.
     assert cpu_cores(limits["cpu"]) == sizing.cpu
     assert memory_bytes(requests["memory"]) == sizing.memory
@@ -608,8 +609,8 @@ def test_network_policy_admits_only_prometheus_and_lets_out_only_dns_and_https(a
     environ = configmap_environ(app)
     assert not any(key.startswith("AWS_ENDPOINT_URL") for key in environ)
     assert configmap_settings(app).deadletter_queue_url.startswith("https://")
-    # The README names the namespace the policy admits.
-    assert f"`{MONITORING_NAMESPACE}`" in (d.ROOT / "README.md").read_text()
+    # The deploy docs name the namespace the policy admits.
+    assert f"`{MONITORING_NAMESPACE}`" in (d.ROOT / "docs" / "operating.md").read_text()
 
 
 def test_service_and_disruption_budget_select_the_pods() -> None:
@@ -653,9 +654,9 @@ def test_placeholders_are_the_documented_ones() -> None:
     for path in files:
         used = set(d.PLACEHOLDER.findall(path.read_text()))
         assert used <= set(d.PLACEHOLDERS), f"{path.name}: {used - set(d.PLACEHOLDERS)}"
-    readme = (d.ROOT / "README.md").read_text()
+    docs = (d.ROOT / "docs" / "operating.md").read_text()
     for name in d.PLACEHOLDERS:
-        assert f"${{{name}}}" in readme or name in readme, f"README does not explain {name}"
+        assert f"${{{name}}}" in docs, f"docs/operating.md does not explain {name}"
 
 
 # --- IAM ------------------------------------------------------------------------------------
@@ -688,7 +689,7 @@ def allowed_actions(name: str) -> set[str]:
 
 
 # Enhanced fan-out (`read_mode = "fanout"`): allowed by a policy of their own per application,
-# attached beside the usual one (README, "Enhanced fan-out").
+# attached beside the usual one (docs/how-it-works.md, "Enhanced fan-out").
 FANOUT_ACTIONS = frozenset(
     {"kinesis:RegisterStreamConsumer", "kinesis:DescribeStreamConsumer", "kinesis:SubscribeToShard"}
 )
@@ -819,7 +820,7 @@ def test_trust_policy_admits_only_the_service_account(app: str) -> None:
     }
     role = d.substitute(account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
     assert re.fullmatch(rf"arn:aws:iam::{d.PLACEHOLDERS['ACCOUNT_ID']}:role/[\w+=,.@-]+", role)
-    # Each application's own role, as README "Deploy" creates it.
+    # Each application's own role, as docs/operating.md "Deploy from zero" creates it.
     assert role.rsplit("/", 1)[-1] == app
 
 
@@ -1046,15 +1047,15 @@ def test_fanout_policy_allows_exactly_the_stream_consumer_calls_on_its_stream_an
     assert not FANOUT_ACTIONS & granted, f"{POLLING_POLICIES[app]} grants fan-out's calls"
 
 
-def test_readme_documents_the_fanout_policies() -> None:
-    readme = (d.ROOT / "README.md").read_text()
-    section = readme.split("\n## Enhanced fan-out", 1)[1].split("\n## ", 1)[0]
+def test_docs_document_the_fanout_policies() -> None:
+    text = (d.ROOT / "docs" / "how-it-works.md").read_text()
+    section = text.split("\n## Enhanced fan-out", 1)[1].split("\n## ", 1)[0]
     for app, name in FANOUT_POLICIES.items():
-        assert f"config/iam/{name}" in section, f"README does not name {name} ({app})"
+        assert f"config/iam/{name}" in section, f"docs do not name {name} ({app})"
         assert (d.IAM / name).is_file(), name
     for action in FANOUT_ACTIONS:
-        assert action in section, f"README's fan-out section does not name {action}"
-    # Every policy file the README's fan-out section names exists.
+        assert action in section, f"the docs' fan-out section does not name {action}"
+    # Every policy file the docs' fan-out section names exists.
     for named in re.findall(r"config/iam/([\w-]+\.json)", section):
         assert (d.IAM / named).is_file(), named
 
@@ -1568,7 +1569,7 @@ def test_an_unwritable_dead_letter_file_is_a_bad_setting_exit_2(
     tmp_path: Path, command: str, where: str
 ) -> None:
     """The pods run with a read-only root filesystem: a dead-letter path off the volume must
-    stop the pod as a bad setting (exit 2, one line naming it), as README promises."""
+    stop the pod as a bad setting (exit 2, one line naming it), as docs/operating.md promises."""
     path = tmp_path / "absent" / "deadletter.jsonl" if where == "missing-directory" else tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "wildrydes_stream", command],

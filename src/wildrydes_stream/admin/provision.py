@@ -76,6 +76,19 @@ async def provision(kinesis: Any, dynamodb: Any, settings: Settings, shards: int
     return problems
 
 
+async def provision_aggregate(kinesis: Any, settings: Settings, shards: int) -> list[str]:
+    """The aggregator's two streams, created if missing: the raw one it reads
+    (`raw_stream_name`) and the one it puts on (`stream_name`). Its lease and state tables it
+    creates itself at start; it writes no item table."""
+    problems = []
+    for name in (settings.raw_stream_name, settings.stream_name):
+        if await ensure_stream(kinesis, name, shards):
+            log.info("created stream", extra={"stream": name, "shards": shards})
+        else:
+            problems += await stream_problems(kinesis, name, shards)
+    return problems
+
+
 async def stream_problems(kinesis: Any, name: str, shards: int) -> list[str]:
     summary = await kinesis.describe_stream_summary(StreamName=name)
     open_shards = summary["StreamDescriptionSummary"]["OpenShardCount"]
