@@ -4,7 +4,8 @@ RegisterStreamConsumer takes a few seconds to make a consumer ACTIVE (CREATING u
 SubscribeToShard refuses one that is not. Replicas starting together may register the same
 name at once: the loser gets ResourceInUseException and waits for the winner's. A consumer that
 is being deleted (DELETING) is waited out and registered again. The service never deregisters
-its consumer (README, "Enhanced fan-out", says how and what it costs while registered).
+its consumer (docs/how-it-works.md, "Enhanced fan-out", says how, and what it costs while
+registered).
 """
 
 from __future__ import annotations
