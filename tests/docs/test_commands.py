@@ -27,6 +27,7 @@ Each line of each ```sh block of README.md and docs/*.md is handled by its first
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,7 +54,7 @@ from tests.deadletter_support import letter, reading, record
 from tests.deploy import support as deploy
 from tests.docs.support import ROOT, Line, Stage, doc_lines, expand
 from wildrydes_stream import __version__
-from wildrydes_stream.config import describe
+from wildrydes_stream.config import Settings, describe
 from wildrydes_stream.sink.letters import dumps, entry
 
 LINES = doc_lines()
@@ -194,8 +195,52 @@ def world(emulators: Emulators) -> Iterator[World]:
             check=False,
         )
         assert done.returncode == 0, done.stderr
+    seed_leases(emulators)
     yield World(environ, moto, clients)
     server.stop()
+
+
+def seed_leases(emulators: Emulators) -> None:
+    """A lease for every shard of both consumers, free (as a stopped deployment leaves them),
+    so that a `reset --shard` of the docs finds the lease it moves, whichever commands ran
+    before it."""
+    settings = Settings()
+    session = botocore.session.get_session()
+    env = emulators.environ()
+    options: dict[str, Any] = {
+        "region_name": "us-east-1",
+        "aws_access_key_id": "test",
+        "aws_secret_access_key": "test",
+    }
+    kinesis = session.create_client(
+        "kinesis", endpoint_url=env["AWS_ENDPOINT_URL_KINESIS"], **options
+    )
+    dynamodb = session.create_client(
+        "dynamodb", endpoint_url=env["AWS_ENDPOINT_URL_DYNAMODB"], **options
+    )
+    for stream, table in (
+        (settings.stream_name, settings.lease_table_name),
+        (settings.raw_stream_name, settings.aggregate_lease_table_name),
+    ):
+        with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):
+            dynamodb.create_table(
+                TableName=table,
+                KeySchema=[{"AttributeName": "leaseKey", "KeyType": "HASH"}],
+                AttributeDefinitions=[{"AttributeName": "leaseKey", "AttributeType": "S"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        dynamodb.get_waiter("table_exists").wait(
+            TableName=table, WaiterConfig={"Delay": 0.1, "MaxAttempts": 100}
+        )
+        for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+            dynamodb.put_item(
+                TableName=table,
+                Item={
+                    "leaseKey": {"S": shard["ShardId"]},
+                    "checkpoint": {"S": "TRIM_HORIZON"},
+                    "leaseCounter": {"N": "1"},
+                },
+            )
 
 
 def seed_dead_letters(args: list[str], world: World, cwd: Path) -> None:
