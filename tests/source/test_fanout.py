@@ -28,6 +28,7 @@ from wildrydes_stream.records.envelope import DeadLetter, Envelope, ItemKey
 from wildrydes_stream.records.position import position, sequence_of
 from wildrydes_stream.runtime.budget import MAX_PAGE_BYTES, ByteBudget
 from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
+from wildrydes_stream.source.pages import ReaderParts
 from wildrydes_stream.source.registration import active_consumer
 
 SHARD = "shardId-000000000000"
@@ -67,11 +68,8 @@ class Harness:
         self.letters.extend(letters)
 
     def subscriber(self, progress: ShardProgress, shard: str = SHARD) -> ShardSubscriber:
-        return ShardSubscriber(
-            shard,
-            Fanout(self.client, CONSUMER, self.stall_seconds),
+        parts = ReaderParts(
             self.settings,
-            progress,
             self.dispatch,
             self.dead_letters,
             self.metrics,
@@ -79,6 +77,8 @@ class Harness:
             decode,
             self.budget,
         )
+        fanout = Fanout(self.client, CONSUMER, self.stall_seconds)
+        return ShardSubscriber(shard, fanout, parts, progress)
 
     def put(self, count: int, size: int = 32, shard: str = SHARD) -> list[int]:
         return [

@@ -15,7 +15,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import Envelope, ItemKey
-from wildrydes_stream.source.pages import COALESCE_SECONDS, ShardReader
+from wildrydes_stream.source.pages import COALESCE_SECONDS, ReaderParts, ShardReader
 
 
 async def _dispatch(envelopes: list[Envelope]) -> None:
@@ -31,16 +31,15 @@ def _decode(data: bytes) -> tuple[ItemKey, object]:
 
 
 def reader(shard_id: str) -> ShardReader:
-    return ShardReader(
-        shard_id,
+    parts = ReaderParts(
         Settings(),
-        ShardProgress(shard_id),
         _dispatch,
         _letters,  # type: ignore[arg-type]
         Metrics(),
         asyncio.Event(),
         _decode,
     )
+    return ShardReader(shard_id, parts, ShardProgress(shard_id))
 
 
 class TimerSpy:

@@ -36,7 +36,7 @@ from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.sink.deadletter import DeadLetters
 from wildrydes_stream.source.fanout import Fanout, ShardSubscriber
-from wildrydes_stream.source.poller import Decode, Dispatch, ShardPoller
+from wildrydes_stream.source.poller import Decode, Dispatch, ReaderParts, ShardPoller
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,19 @@ class OwnedShards:
     ) -> ShardPoller | ShardSubscriber:
         """The shard's reader in the configured read_mode (both have the same interface)."""
         r = self._reading
-        common = (r.settings, progress, r.dispatch, r.deadletters.send, r.metrics, r.stopping)
-        rest = (r.decode, r.budget, r.blocked, hash_range)
+        parts = ReaderParts(
+            r.settings,
+            r.dispatch,
+            r.deadletters.send,
+            r.metrics,
+            r.stopping,
+            r.decode,
+            r.budget,
+            r.blocked,
+        )
         if r.fanout is not None:
-            return ShardSubscriber(shard_id, r.fanout, *common, *rest)
-        return ShardPoller(shard_id, r.kinesis, *common, *rest)
+            return ShardSubscriber(shard_id, r.fanout, parts, progress, hash_range)
+        return ShardPoller(shard_id, r.kinesis, parts, progress, hash_range)
 
     async def _restore(self, owned: OwnedShard) -> None:
         """Load the tenure's state, retrying (with backoff) whatever fails for as long as the

@@ -30,18 +30,8 @@ from typing import Any, Final, TypeVar
 
 from wildrydes_stream.aws.fanout import FanoutClient, Subscription, starting_position
 from wildrydes_stream.aws.retry import backoff_delay, error_code
-from wildrydes_stream.config import Settings
-from wildrydes_stream.observability.health import BlockedCalls
-from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.runtime.waiting import wait_or_timeout
-from wildrydes_stream.source.pages import (
-    Decode,
-    Dispatch,
-    Progress,
-    SendDeadLetters,
-    ShardReader,
-)
+from wildrydes_stream.source.pages import Progress, ReaderParts, ShardReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,30 +66,11 @@ class ShardSubscriber(ShardReader):
         self,
         shard_id: str,
         fanout: Fanout,
-        settings: Settings,
+        parts: ReaderParts,
         progress: Progress,
-        dispatch: Dispatch,
-        send_dead_letters: SendDeadLetters,
-        metrics: Metrics,
-        stopping: asyncio.Event,
-        decode: Decode,
-        budget: ByteBudget | None = None,
-        blocked: BlockedCalls | None = None,
         hash_range: tuple[str, str] = ("", ""),
     ) -> None:
-        super().__init__(
-            shard_id,
-            settings,
-            progress,
-            dispatch,
-            send_dead_letters,
-            metrics,
-            stopping,
-            decode,
-            budget,
-            blocked,
-            hash_range,
-        )
+        super().__init__(shard_id, parts, progress, hash_range)
         self._fanout = fanout
         self._continuation: str | None = None
         """ContinuationSequenceNumber of the last event handed on."""

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -65,23 +66,32 @@ class Progress(Protocol):
     def end(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReaderParts:
+    """What every shard reader of a consumer shares, whichever way it reads."""
+
+    settings: Settings
+    dispatch: Dispatch
+    send_dead_letters: SendDeadLetters
+    metrics: Metrics
+    stopping: asyncio.Event
+    """Set when the service stops (a stop also halts every reader)."""
+    decode: Decode
+    budget: ByteBudget | None = None
+    blocked: BlockedCalls | None = None
+
+
 class ShardReader:
     """One shard's reading in one tenure: the part that does not depend on how pages arrive."""
 
     def __init__(
         self,
         shard_id: str,
-        settings: Settings,
+        parts: ReaderParts,
         progress: Progress,
-        dispatch: Dispatch,
-        send_dead_letters: SendDeadLetters,
-        metrics: Metrics,
-        stopping: asyncio.Event,
-        decode: Decode,
-        budget: ByteBudget | None = None,
-        blocked: BlockedCalls | None = None,
         hash_range: tuple[str, str] = ("", ""),
     ) -> None:
+        settings, metrics = parts.settings, parts.metrics
         self.shard_id = shard_id
         self._hash_range = (
             (int(hash_range[0]), int(hash_range[1])) if hash_range[0] and hash_range[1] else None
@@ -89,20 +99,22 @@ class ShardReader:
         """The shard's hash key range, to count KPL sub-records packed for another shard."""
         self._skip_through: int | None = None
         """Position of the checkpoint read from: user records at or before it are done."""
-        self._decode = decode
-        self._blocked = blocked or BlockedCalls(metrics, settings.blocked_log_interval_seconds)
+        self._decode = parts.decode
+        self._blocked = parts.blocked or BlockedCalls(
+            metrics, settings.blocked_log_interval_seconds
+        )
         self._settings = settings
         self._progress = progress
-        self._dispatch = dispatch
-        self._send_dead_letters = send_dead_letters
+        self._dispatch = parts.dispatch
+        self._send_dead_letters = parts.send_dead_letters
         self._metrics = metrics
         # This shard's series, looked up once: a label lookup per poll is a lock and a dict
         # walk, and idle shards poll every second. A tenure's series are removed when it ends
         # (its reader is done by then); the next tenure looks them up anew.
         self._behind_latest = metrics.behind_latest.labels(shard_id)
         self._records_read = metrics.records_read.labels(shard_id)
-        self._stopping = stopping
-        self._budget = budget or ByteBudget(settings.max_buffered_bytes)
+        self._stopping = parts.stopping
+        self._budget = parts.budget or ByteBudget(settings.max_buffered_bytes)
         self._record_size = float(FIRST_RECORD_SIZE_GUESS)
         """Average bytes a record of this shard, from the pages read (for the byte bound)."""
         self._last_read: str | None = None

@@ -8,7 +8,6 @@ handled as pages.py says (registered in order, decoded, dispatched, bad records 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import datetime
@@ -17,15 +16,12 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from wildrydes_stream.aws.retry import error_code
-from wildrydes_stream.config import Settings
-from wildrydes_stream.observability.health import BlockedCalls
-from wildrydes_stream.observability.metrics import Metrics
-from wildrydes_stream.runtime.budget import ByteBudget
 from wildrydes_stream.source.pages import (
     FIRST_RECORD_SIZE_GUESS,
     Decode,
     Dispatch,
     Progress,
+    ReaderParts,
     SendDeadLetters,
     ShardReader,
 )
@@ -35,6 +31,7 @@ __all__ = [
     "Decode",
     "Dispatch",
     "Progress",
+    "ReaderParts",
     "SendDeadLetters",
     "ShardPoller",
 ]
@@ -51,30 +48,11 @@ class ShardPoller(ShardReader):
         self,
         shard_id: str,
         client: Any,
-        settings: Settings,
+        parts: ReaderParts,
         progress: Progress,
-        dispatch: Dispatch,
-        send_dead_letters: SendDeadLetters,
-        metrics: Metrics,
-        stopping: asyncio.Event,
-        decode: Decode,
-        budget: ByteBudget | None = None,
-        blocked: BlockedCalls | None = None,
         hash_range: tuple[str, str] = ("", ""),
     ) -> None:
-        super().__init__(
-            shard_id,
-            settings,
-            progress,
-            dispatch,
-            send_dead_letters,
-            metrics,
-            stopping,
-            decode,
-            budget,
-            blocked,
-            hash_range,
-        )
+        super().__init__(shard_id, parts, progress, hash_range)
         self._client = client
         self._page_cap: int | None = None
         """The Limit of the next poll when the last one found the shard caught up."""
