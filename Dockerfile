@@ -1,6 +1,8 @@
 # wildrydes-stream: the Wild Rydes services (`run`, `aggregate`) and their admin commands.
 #
-#   buildah bud -t wildrydes-stream:0.1.0 .     (or: make image; docker build works the same)
+#   make image        (buildah, then scripts/check-image.py on the result)
+#   buildah bud -t wildrydes-stream:0.1.0 --build-arg REVISION=$(git rev-parse HEAD) .
+#                     (docker build works the same)
 #
 # Two stages: the builder installs the locked dependencies (requirements.lock: every version
 # pinned, every file's hash checked, all from wheels, uvloop included) and then the package
@@ -14,6 +16,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
 # No pip, no setuptools in the environment that ships: the builder's own pip installs into it.
 RUN python -m venv --without-pip /opt/venv

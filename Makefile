@@ -73,12 +73,22 @@ test: setup $(TEST_STAMP) promtool lint
 promtool: $(PY_STAMP)
 	sh scripts/install-promtool.sh $(BIN)
 
-# The container image, with buildah (Debian package); not part of `make test`.
-IMAGE ?= wildrydes-stream:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The container image, with buildah (Debian package), then scripts/check-image.py on it (labels,
+# entrypoint, user, contents, the CLI answering); not part of `make test`. PYTHON_IMAGE: another
+# base (default the Dockerfile's python:3.11-slim); BUILDAH_FLAGS: more `buildah build` options.
+# The version label is always pyproject.toml's, whatever the tag.
+PACKAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= wildrydes-stream:$(PACKAGE_VERSION)
+PYTHON_IMAGE ?=
+BUILDAH_FLAGS ?=
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 image:
 	@command -v buildah >/dev/null || { echo "make image needs buildah: apt-get install buildah (or: docker build -t $(IMAGE) .)" >&2; exit 1; }
-	buildah build --layers -t $(IMAGE) --build-arg VERSION=$(lastword $(subst :, ,$(IMAGE))) \
-		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
+	buildah build --layers -t $(IMAGE) --build-arg VERSION=$(PACKAGE_VERSION) \
+		--build-arg REVISION=$(REVISION) \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) $(BUILDAH_FLAGS) .
+	$(PYTHON) scripts/check-image.py $(IMAGE) --revision $(REVISION) \
+		$(if $(PYTHON_IMAGE),--base $(PYTHON_IMAGE))
 
 bench: setup $(TEST_STAMP)
 	$(BIN)/python -m bench $(ARGS)

@@ -155,6 +155,9 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_runs_the_service() -> None:
     for name in re.findall(r"\$\{?(\w+)", labels):
         assert name in declared, f"the label reads ${name}, not declared after the last FROM"
     assert 'org.opencontainers.image.base.name="${PYTHON_IMAGE}"' in labels
+    # A build given no VERSION (`docker build .`) labels the default: the package's version.
+    defaults = dict(arg.split("=", 1) for arg in final.all("ARG") if "=" in arg)
+    assert defaults["VERSION"] == __version__
 
     # No parser directive: `# syntax=` makes BuildKit fetch a frontend image first.
     assert not re.match(r"\s*#\s*syntax\s*=", d.DOCKERFILE.read_text(), re.IGNORECASE)

@@ -82,7 +82,8 @@ AWS_CLI_OPTIONS = frozenset({"--query", "--output", "--region", "--profile", "--
 ALLOWED = {
     "buildah": "needs a container runtime and a registry (the image tag is checked)",
     "docker": "needs a container runtime (the image tag is checked)",
-    "sh": "runs the benchmark twice, minutes of CPU (the script must exist and parse)",
+    "sh": "the benchmark twice (minutes of CPU), or debootstrap and buildah (the script must "
+    "exist and parse)",
     "sed": "a text filter in a pipeline (the command feeding it is checked)",
 }
 # kubectl subcommands that need a cluster: the namespace and Deployment they name are checked.
