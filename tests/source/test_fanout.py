@@ -244,6 +244,30 @@ async def test_a_failed_subscription_is_retried_from_the_last_continuation(
         assert retried == {"Type": "AFTER_SEQUENCE_NUMBER", "SequenceNumber": str(put[7])}
 
 
+async def test_a_server_paused_by_a_full_sink_is_not_taken_for_stalled(harness: Harness) -> None:
+    """The stall watch counts only time spent waiting for the server: with the sink full the
+    subscriber stops reading, HTTP/2 flow control silences the server for longer than the
+    stall time, and that is back-pressure, not a dead subscription."""
+    harness.stall_seconds = 0.3
+    harness.server.max_records_per_event = 1
+    harness.sink_open.clear()
+    put = harness.put(8, size=STREAM_WINDOW // 2)
+    subscriber = harness.subscriber(ShardProgress(SHARD))
+    task = asyncio.create_task(subscriber.run("TRIM_HORIZON"))
+    seen = await _first_subscription(harness)
+    await wait_for(holds(lambda: seen.waiting_for_window), timeout=10)
+    # Silent for four stall times: a watch that counted this would have resubscribed by now.
+    await asyncio.sleep(4 * harness.stall_seconds)
+    assert seen.waiting_for_window
+    harness.sink_open.set()
+    await wait_for(holds(lambda: len(harness.read) == 8))
+    subscriber.halt()
+    await asyncio.wait_for(task, 10)
+    assert harness.read == put
+    assert len(harness.server.subscribed) == 1
+    assert harness.subscriptions("retry") == 0
+
+
 async def test_a_reset_connection_is_resubscribed(harness: Harness) -> None:
     put = harness.put(4)
     subscriber = harness.subscriber(ShardProgress(SHARD))

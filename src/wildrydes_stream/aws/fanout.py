@@ -14,6 +14,7 @@ over the same HTTP/2 connection as JSON calls, so a local endpoint that serves f
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 from datetime import datetime
 from typing import Any, Final
@@ -93,6 +94,10 @@ class FanoutClient:
         return Subscription(response)
 
 
+class Stalled(TimeoutError):
+    """A subscription's server sent nothing for the stall time while it was being read."""
+
+
 def starting_position(position: str, since: datetime | None) -> dict[str, Any]:
     """SubscribeToShard's StartingPosition for a checkpoint (a sequence number: after it),
     `AT_SEQUENCE_NUMBER:<n>`, or a sentinel; AT_TIMESTAMP at `since`."""
@@ -119,6 +124,31 @@ class Subscription:
     def __init__(self, response: H2Response) -> None:
         self.response = response
         self._pending = bytearray()
+        self._stall_seconds = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
+
+    def watch(self, stall_seconds: float) -> None:
+        """From now on, a read that waits `stall_seconds` for the server fails with Stalled.
+
+        One timer a subscription, moved on only when it fires, instead of a timeout around
+        every read: an idle shard's events arrive every few seconds, and a timeout per read
+        (two timer handles, a context manager) was a tenth of what idle subscriptions cost."""
+        self._stall_seconds = stall_seconds
+        self._arm(asyncio.get_running_loop().time() + stall_seconds)
+
+    def _arm(self, when: float) -> None:
+        self._stall_timer = asyncio.get_running_loop().call_at(when, self._check_stall)
+
+    def _check_stall(self) -> None:
+        response = self.response
+        if response.closed:
+            return
+        since = response.waiting_since
+        now = asyncio.get_running_loop().time()
+        if since is not None and now - since >= self._stall_seconds:
+            response.fail(Stalled(f"no event for {self._stall_seconds:.0f} s"))
+            return
+        self._arm((since if since is not None else now) + self._stall_seconds)
 
     async def message_size(self) -> int | None:
         """Bytes of the next message (its prelude's total length), None when the server ended
@@ -160,6 +190,9 @@ class Subscription:
         return bool(chunk)
 
     def close(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         self.response.close()
 
 

@@ -58,7 +58,11 @@ class H2Response:
         self.stream_id = stream_id
         self.status = 0
         self.headers: dict[str, str] = {}
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = loop = asyncio.get_running_loop()
+        self.head: asyncio.Future[None] = loop.create_future()
+        self.waiting_since: float | None = None
+        """Loop time since which `read` has been waiting for the server (None: not waiting).
+        Silence while nobody reads is flow control at work, not a stall."""
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._ended = False
         self._error: BaseException | None = None
@@ -74,11 +78,14 @@ class H2Response:
                 raise self._error
             if self._ended:
                 return b""
-            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            self._waiter = waiter = loop.create_future()
+            self.waiting_since = loop.time()
             try:
                 await waiter
             finally:
                 self._waiter = None
+                self.waiting_since = None
         data, flow = self._chunks.popleft()
         self._connection.acknowledge(self.stream_id, flow)
         return data
@@ -123,6 +130,11 @@ class H2Response:
     def _end(self) -> None:
         self._ended = True
         self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """End the response here with `error` (its reader gets it); the stream stays open
+        until `close`."""
+        self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None and not self._ended:

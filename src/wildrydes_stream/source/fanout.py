@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
-from wildrydes_stream.aws.fanout import FanoutClient, Subscription, starting_position
+from wildrydes_stream.aws.fanout import FanoutClient, Stalled, Subscription, starting_position
 from wildrydes_stream.aws.retry import backoff_delay, error_code
 from wildrydes_stream.runtime.waiting import wait_or_timeout
 from wildrydes_stream.source.pages import Progress, ReaderParts, ShardReader
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 API: Final = "SubscribeToShard"
 STALL_SECONDS: Final = 30.0
@@ -148,43 +146,39 @@ class ShardSubscriber(ShardReader):
             subscription.close()
 
     async def _read_events(self, subscription: Subscription) -> bool:
-        while True:
-            size = await self._within_stall(subscription, subscription.message_size())
-            if size is None:
-                raise _Renew
-            if not await self._room_for(size):
-                return False
-            # The message's bytes are held from here: the bound holds however large it is.
-            reserved = min(size, self._budget.page_bytes)
-            self._budget.take(reserved)
-            try:
-                event = await self._within_stall(subscription, subscription.next_message())
-            except BaseException:
-                self._budget.give_back(reserved)
-                raise
-            self._blocked.succeeded(API)
-            if event is None:
-                self._budget.give_back(reserved)
-            elif await self._take(event, reserved):
-                return True
+        stall = self._fanout.stall_seconds
+        subscription.watch(stall)
+        try:
+            while True:
+                size = await subscription.message_size()
+                if size is None:
+                    raise _Renew
+                if not await self._room_for(size):
+                    return False
+                # The message's bytes are held from here: the bound holds however large it is.
+                reserved = min(size, self._budget.page_bytes)
+                self._budget.take(reserved)
+                try:
+                    event = await subscription.next_message()
+                except BaseException:
+                    self._budget.give_back(reserved)
+                    raise
+                self._blocked.succeeded(API)
+                if event is None:
+                    self._budget.give_back(reserved)
+                elif await self._take(event, reserved):
+                    return True
+        except Stalled as stalled:
+            retired = self._fanout.client.pool.retire_if_silent(subscription.response, stall)
+            raise TimeoutError(
+                f"{stalled}" + (" (connection silent, closed)" if retired else "")
+            ) from None
 
     async def _room_for(self, size: int) -> bool:
         """Wait until the byte bound has room for a message of `size` bytes; False when halted
         or fenced meanwhile. Not reading is what stops the server: its window fills and it
-        waits."""
+        waits (and the stall watch counts only time spent waiting for the server)."""
         return await self._wait_for_room() and not self._progress.fenced
-
-    async def _within_stall(self, subscription: Subscription, step: Awaitable[T]) -> T:
-        """`step`, or TimeoutError when the server sends nothing for `stall_seconds`."""
-        stall = self._fanout.stall_seconds
-        try:
-            async with asyncio.timeout(stall):
-                return await step
-        except TimeoutError:
-            retired = self._fanout.client.pool.retire_if_silent(subscription.response, stall)
-            raise TimeoutError(
-                f"no event for {stall:.0f} s" + (" (connection silent, closed)" if retired else "")
-            ) from None
 
     async def _take(self, event: dict[str, Any], reserved: int) -> bool:
         """Hand an event's records on (their bytes replacing the event's reservation); True
@@ -197,7 +191,7 @@ class ShardSubscriber(ShardReader):
         if continuation:
             self._continuation = continuation
         behind = int(event.get("MillisBehindLatest") or 0)
-        self._behind_latest.set(behind / 1000)
+        self._show_behind(behind)
         if event.get("ChildShards"):
             return True
         if behind == 0:

@@ -112,6 +112,9 @@ class ShardReader:
         # walk, and idle shards poll every second. A tenure's series are removed when it ends
         # (its reader is done by then); the next tenure looks them up anew.
         self._behind_latest = metrics.behind_latest.labels(shard_id)
+        self._behind_shown = -1
+        """The MillisBehindLatest last set on the gauge: an idle shard's is 0 every time, and
+        setting a gauge takes its lock."""
         self._records_read = metrics.records_read.labels(shard_id)
         self._stopping = parts.stopping
         self._budget = parts.budget or ByteBudget(settings.max_buffered_bytes)
@@ -184,6 +187,11 @@ class ShardReader:
                 timer.cancel()
                 self._sleeper = None
         return self._quitting()
+
+    def _show_behind(self, behind: int) -> None:
+        if behind != self._behind_shown:
+            self._behind_shown = behind
+            self._behind_latest.set(behind / 1000)
 
     def _hold_page(self, records: list[dict[str, Any]], reserved: int) -> int:
         """Swap the page's reservation for its real size (returned), and learn the shard's

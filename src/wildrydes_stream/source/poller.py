@@ -113,7 +113,7 @@ class ShardPoller(ShardReader):
             if records:
                 await self._handle(records, size)
             behind = int(response.get("MillisBehindLatest", 0))
-            self._behind_latest.set(behind / 1000)
+            self._show_behind(behind)
             iterator = response.get("NextShardIterator")
             if iterator is None:
                 break
