@@ -7,6 +7,7 @@ which go through consumer/leasewrites.py: conditional on ownership, one at a tim
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -283,8 +284,15 @@ class LeaseTable:
 
         Nothing is sent while another write of the lease is in flight: that one moves the
         counter too, and renewals queued behind a hung call would only pile up."""
+        task = self.start_renewal(lease)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def start_renewal(self, lease: Lease) -> asyncio.Task[None] | None:
+        """`renew` as a task that runs to its end whoever waits for it (None: another write
+        is in flight), so a round of renewals is one task a lease and one wait for them all."""
         if lease.lock.locked():
-            return
+            return None
 
         async def write() -> None:
             if lease.owner != self.owner:
@@ -292,7 +300,7 @@ class LeaseTable:
             await self._writes.update(lease, "SET leaseCounter = :next", {})
             lease.counter += 1
 
-        await self._writes.serialized(lease, write)
+        return self._writes.start(lease, write)
 
     async def checkpoint(
         self,

@@ -38,6 +38,11 @@ class OwnedWrites:
         """Run `write` after any earlier write to the lease, to its end even if the caller is
         cancelled (a stop cancels the checkpointer): abandoned half way, it may have moved the
         counter in the table but not in `lease`, and our next write would fail as lost."""
+        await asyncio.shield(self.start(lease, write))
+
+    def start(self, lease: Lease, write: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """`serialized` without waiting: the write as a task that runs to its end whoever
+        waits for it, its outcome consumed even when nobody does."""
 
         async def locked() -> None:
             async with lease.lock:
@@ -46,7 +51,7 @@ class OwnedWrites:
         task = asyncio.ensure_future(locked())
         # Abandoned by a cancelled or timed-out caller, its outcome is still consumed here.
         task.add_done_callback(_consume)
-        await asyncio.shield(task)
+        return task
 
     async def update(
         self,
