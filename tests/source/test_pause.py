@@ -15,7 +15,7 @@ from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.observability.metrics import Metrics
 from wildrydes_stream.records.envelope import Envelope, ItemKey
-from wildrydes_stream.source.pages import COALESCE_SECONDS, ReaderParts, ShardReader
+from wildrydes_stream.source.pages import ReaderParts, ShardReader, coalesce_grid
 
 
 async def _dispatch(envelopes: list[Envelope]) -> None:
@@ -64,6 +64,17 @@ def spy_on(monkeypatch: pytest.MonkeyPatch) -> TimerSpy:
     return spy
 
 
+GRID = coalesce_grid(0.3)
+
+
+def test_the_grid_is_a_quarter_of_the_pause_within_its_bounds() -> None:
+    assert coalesce_grid(1.0) == 0.25  # the default idle pause: four wake-ups a second
+    assert coalesce_grid(0.2) == 0.05
+    assert coalesce_grid(0.3) == pytest.approx(0.075)
+    assert coalesce_grid(0.01) == 0.05
+    assert coalesce_grid(30.0) == 0.25
+
+
 async def test_idle_pauses_started_apart_end_on_one_grid_tick_near_what_was_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,11 +95,11 @@ async def test_idle_pauses_started_apart_end_on_one_grid_tick_near_what_was_aske
     assert len(asked) == 5
     pauses = [when for _, when in asked]
     for when in pauses:  # on the grid ...
-        assert abs(when / COALESCE_SECONDS - round(when / COALESCE_SECONDS)) < 1e-6
+        assert abs(when / GRID - round(when / GRID)) < 1e-6
     # ... within half a tick of what each asked for (the pause read the clock a moment before the
     # spy did, hence the 5 ms), so started 7 ms apart they share ticks.
     for at, when in asked:
-        assert -COALESCE_SECONDS / 2 - 0.005 <= when - (at + 0.3) <= COALESCE_SECONDS / 2 + 1e-6
+        assert -GRID / 2 - 0.005 <= when - (at + 0.3) <= GRID / 2 + 1e-6
     assert len(set(pauses)) < len(pauses)
 
 
@@ -99,4 +110,4 @@ async def test_a_busy_pause_is_not_moved_to_the_grid(monkeypatch: pytest.MonkeyP
     await reader("shard")._pause(0.013)
     [when] = [w for w in timers.asked if w >= before]
     assert before + 0.013 <= when <= loop.time()
-    assert abs(when / COALESCE_SECONDS - round(when / COALESCE_SECONDS)) > 1e-9
+    assert abs(when / GRID - round(when / GRID)) > 1e-9
