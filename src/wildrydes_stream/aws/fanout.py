@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import math
 from datetime import datetime
 from typing import Any, Final
 
@@ -137,7 +138,10 @@ class Subscription:
         self._arm(asyncio.get_running_loop().time() + stall_seconds)
 
     def _arm(self, when: float) -> None:
-        self._stall_timer = asyncio.get_running_loop().call_at(when, self._check_stall)
+        # Rounded up to the whole second: the checks of every subscription fall due together
+        # (one wake-up of the loop, not one a subscription), and a stall is noticed at most
+        # a second late.
+        self._stall_timer = asyncio.get_running_loop().call_at(math.ceil(when), self._check_stall)
 
     def _check_stall(self) -> None:
         response = self.response
