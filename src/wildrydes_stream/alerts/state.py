@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from wildrydes_stream.consumer.state import Changes, Entries, StateKey
 
@@ -33,8 +33,10 @@ PART: Final = "alert"
 """The part of a unicorn's state entry key (its partition key is its name)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Unicorn:
+class Unicorn(NamedTuple):
+    """One per window evaluated (every record, on the hot path): a named tuple, built in
+    about half the time of a frozen dataclass."""
+
     low: bool
     newest_ms: int
     """StatusTime of the newest window evaluated."""
