@@ -291,6 +291,7 @@ class OwnedShards:
         await asyncio.wait(
             [task for _, task in round_], timeout=self._settings.lease_duration_seconds / 3
         )
+        lost: list[OwnedShard] = []
         for owned, task in round_:
             if not task.done():
                 self._retry_log.failed("lease renewal", TimeoutError(), shard=owned.shard_id)
@@ -298,9 +299,12 @@ class OwnedShards:
                 continue
             elif isinstance(exc, LeaseLostError):
                 if self.by_id.get(owned.shard_id) is owned:
-                    await self.lost(owned)
+                    lost.append(owned)
             else:
                 self._retry_log.failed("lease renewal", exc, shard=owned.shard_id)
+        # Each looks at its lease again (a hand-off asked of us, or taken): at once, as a
+        # rebalance may take many in one round.
+        await asyncio.gather(*(self.lost(owned) for owned in lost))
 
     async def lost(self, owned: OwnedShard) -> None:
         """Our write was refused: a hand-off asked of us, or the lease taken."""
