@@ -232,6 +232,13 @@ class ReadMode:
         self.servers.append(server)
         return settings.replace(read_mode="fanout", fanout_endpoint_url=server.url)
 
+    def slow(self, records_per_event: int, interval_seconds: float) -> None:
+        """Fan-out servers push at most `records_per_event` records every `interval_seconds`
+        a shard (as `get_records_limit` and `min_poll_interval_seconds` slow polling)."""
+        for server in self.servers:
+            server.max_records_per_event = records_per_event
+            server.event_interval_seconds = interval_seconds
+
 
 @pytest.fixture(params=["polling", "fanout"])
 async def read_mode(request: pytest.FixtureRequest, kinesis: Any) -> AsyncIterator[ReadMode]:

@@ -347,11 +347,14 @@ class FanoutServer:
         lifetime_seconds: float = 300.0,
         max_records_per_event: int = 1000,
         activate_after: int = 1,
+        event_interval_seconds: float = 0.0,
     ) -> None:
         self.feed = feed
         self.heartbeat_seconds = heartbeat_seconds
         self.lifetime_seconds = lifetime_seconds
         self.max_records_per_event = max_records_per_event
+        self.event_interval_seconds = event_interval_seconds
+        """Pause after each event with records (a slow stream, for tests that need one)."""
         self.activate_after = activate_after
         """DescribeStreamConsumer calls that see a new consumer CREATING before ACTIVE."""
         self.scripts: deque[Script] = deque()
@@ -586,6 +589,8 @@ class _ServerConnection(asyncio.Protocol):
                 seen.events += 1
                 if children is not None:
                     break
+                if batch and server.event_interval_seconds:
+                    await asyncio.sleep(server.event_interval_seconds)
             self.h2.end_stream(stream_id)
             self.flush()
         except (asyncio.CancelledError, ConnectionResetError, StreamClosedError):

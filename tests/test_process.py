@@ -175,7 +175,9 @@ async def test_restart_after_sigkill_resumes_from_the_checkpoint_and_loses_nothi
     results = await put_records(kinesis, resources.stream_name, first)
     shards_with_data = set(last_sequence_per_shard(results))
 
-    # Slow reading (10 records a call, 10 calls a second per shard) so the kill lands mid-stream.
+    # Slow reading (10 records a call, 10 calls a second per shard) so the kill lands mid-stream;
+    # by subscription, as slow: 10 records an event, 10 events a second.
+    read_mode.slow(records_per_event=10, interval_seconds=0.1)
     slow = service_env(
         resources,
         aws_env,
@@ -217,6 +219,7 @@ async def test_restart_after_sigkill_resumes_from_the_checkpoint_and_loses_nothi
     # Another worker id, as a restarted pod has: it takes the dead worker's leases once they
     # expire (kept short here), from their checkpoints.
     fast = service_env(resources, aws_env, worker_id="second", lease_duration_seconds=1.0)
+    read_mode.slow(records_per_event=1000, interval_seconds=0.0)  # back to full speed
     survivor = await spawn(fast)
     await survivor.started()
 
