@@ -10,7 +10,7 @@ subscriptions are when nothing aligns them), and no other work. The process's CP
 (user + system) over the window is reported as a share of one core and per wake-up.
 
 On a virtual machine a loop that wakes from idle pays for the virtual CPU's trip out of and
-back into its idle state; here that was 150-300 µs a wake-up, far more than the Python a poll
+back into its idle state; here that was 110-200 µs a wake-up, far more than the Python a poll
 runs. Idle shards are therefore cheap when their wake-ups are few (the poller's coalescing
 grid, source/pages.py), and each event a subscription pushes on its own costs at least one.
 """

@@ -180,7 +180,7 @@ class ShardReader:
         a shard that stays idle stays on the grid (a call every `seconds`), and idle shards
         wake in the same turn of the loop, send their calls together and mostly get their
         answers in one poll of the sockets. Each turn of the loop that wakes from idle costs
-        this machine 150-300 µs of CPU (`python -m bench.wakeups`): at the default 1 s pause
+        this machine 110-200 µs of CPU (`python -m bench.wakeups`): at the default 1 s pause
         256 idle shards wake the loop 4 times a second instead of 20 with a 50 ms grid. The
         poller's minimum interval between calls still holds: it is waited for before every
         call."""
