@@ -18,8 +18,8 @@ from aiobotocore.credentials import AioCredentials
 
 from tests.fanoutserver import FanoutServer, MemoryFeed, Script
 from tests.helpers import Peak, holds, wait_for
-from wildrydes_stream.aws.fanout import FanoutClient
-from wildrydes_stream.aws.h2 import STREAM_WINDOW
+from wildrydes_stream.aws.fanout import QUIET_READ_GRID_SECONDS, FanoutClient
+from wildrydes_stream.aws.h2 import STREAM_WINDOW, H2Pool
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.progress import ShardProgress
 from wildrydes_stream.errors import MissingResourceError, RecordError
@@ -93,7 +93,9 @@ class Harness:
 async def harness() -> AsyncIterator[Harness]:
     feed = MemoryFeed(shards=1)
     async with FanoutServer(feed, heartbeat_seconds=0.2) as server:
-        client = FanoutClient(server.url, "us-east-1", AioCredentials("test", "test"))
+        # Connections read as the service's do: quiet ones on the grid.
+        pool = H2Pool(server.url, quiet_read_grid=QUIET_READ_GRID_SECONDS)
+        client = FanoutClient(server.url, "us-east-1", AioCredentials("test", "test"), pool)
         settings = Settings(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
         try:
             yield Harness(server, feed, client, settings)

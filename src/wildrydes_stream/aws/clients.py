@@ -16,7 +16,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 
-from wildrydes_stream.aws.fanout import FanoutClient
+from wildrydes_stream.aws.fanout import QUIET_READ_GRID_SECONDS, FanoutClient
 from wildrydes_stream.aws.h2 import H2Pool
 from wildrydes_stream.aws.lean import DynamoDBData, KinesisData, _ssl_context
 from wildrydes_stream.errors import ConfigError
@@ -109,6 +109,7 @@ class AwsClients:
                 url,
                 ssl_context=tls if isinstance(tls, ssl.SSLContext) else None,
                 connect_timeout=DATA_PATH.connect_timeout,
+                quiet_read_grid=QUIET_READ_GRID_SECONDS,
             ),
         )
         self._stack.push_async_callback(client.close)

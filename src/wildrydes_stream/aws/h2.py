@@ -12,16 +12,25 @@ holds up the others on its connection.
 
 TLS connections ask for `h2` by ALPN; plain `http://` connections speak HTTP/2 with prior
 knowledge (h2c), as local servers and kinesis-local do.
+
+Quiet connections read on a grid (`quiet_read_grid`): hundreds of idle subscriptions each get
+an empty event every few seconds, each at its own moment, and every one of them woke the event
+loop (on a small VM a wake-up costs more than the event's own Python). After a read a quiet
+connection leaves its socket alone until the next grid point, shared by the pool's
+connections, so what came in meanwhile is taken in one wake-up. A connection whose streams
+carry data (`H2Response.prompt_for`) reads at once again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 import time
 import typing
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -97,6 +106,11 @@ class H2Response:
             parts.append(chunk)
         return b"".join(parts)
 
+    def prompt_for(self, seconds: float) -> None:
+        """Data is flowing: for `seconds` from now the connection reads as soon as anything
+        comes in, not on its quiet grid."""
+        self._connection.prompt_until(self._loop.time() + seconds)
+
     def close(self) -> None:
         """Stop the stream (RST_STREAM CANCEL unless it ended) and hand back its window."""
         if self.closed:
@@ -146,7 +160,7 @@ class H2Response:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, max_streams: int) -> None:
+    def __init__(self, max_streams: int, hold: Callable[[_Connection], None] | None = None) -> None:
         self._h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         self._max_streams = max_streams
         self._transport: asyncio.Transport | None = None
@@ -154,6 +168,12 @@ class _Connection(asyncio.Protocol):
         self.open = False
         self.last_received = time.monotonic()
         """When a frame last came in: a connection silent for long is dead (see H2Pool)."""
+        self._hold = hold
+        """Called after a read while the connection is quiet: its reading is paused, and the
+        pool resumes it at the next grid point. None: reads are never held."""
+        self._prompt_until = 0.0
+        """Loop time until which reads are not held (data is flowing)."""
+        self.held = False
 
     # asyncio.Protocol
 
@@ -185,6 +205,28 @@ class _Connection(asyncio.Protocol):
         for event in events:
             self._handle(event)
         self._flush()
+        transport = self._transport
+        if (
+            self._hold is not None
+            and self.open
+            and transport is not None
+            and asyncio.get_running_loop().time() >= self._prompt_until
+        ):
+            transport.pause_reading()
+            self.held = True
+            self._hold(self)
+
+    def prompt_until(self, when: float) -> None:
+        self._prompt_until = max(self._prompt_until, when)
+        self.release()
+
+    def release(self) -> None:
+        """Read again now if held."""
+        if self.held:
+            self.held = False
+            transport = self._transport
+            if self.open and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -303,7 +345,10 @@ class H2Pool:
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 5.0,
         max_streams: int = MAX_STREAMS,
+        quiet_read_grid: float = 0.0,
     ) -> None:
+        """`quiet_read_grid`: seconds between the points at which quiet connections read
+        (0: every connection reads at once, always)."""
         parts = urlsplit(url)
         self.scheme = parts.scheme or "https"
         self.host = parts.hostname or ""
@@ -319,6 +364,9 @@ class H2Pool:
         self._max_streams = max_streams
         self._connections: list[_Connection] = []
         self._connecting: asyncio.Lock = asyncio.Lock()
+        self._grid = quiet_read_grid
+        self._held: list[_Connection] = []
+        self._release_timer: asyncio.TimerHandle | None = None
 
     async def request(self, method: str, headers: dict[str, str], body: bytes = b"") -> H2Response:
         """Send a request; returns once the response's status and headers are in."""
@@ -352,8 +400,9 @@ class H2Pool:
                     return connection
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._connect_timeout):
+                hold = self._hold if self._grid > 0 else None
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(self._max_streams),
+                    lambda: _Connection(self._max_streams, hold),
                     self.host,
                     self.port,
                     ssl=self._ssl,
@@ -361,6 +410,22 @@ class H2Pool:
                 )
             self._connections.append(protocol)
             return protocol
+
+    def _hold(self, connection: _Connection) -> None:
+        """Resume `connection` at the next grid point, with every other one held by then: one
+        timer (one wake-up) for all of them."""
+        self._held.append(connection)
+        if self._release_timer is None:
+            loop = asyncio.get_running_loop()
+            grid = self._grid
+            when = math.ceil(loop.time() / grid) * grid
+            self._release_timer = loop.call_at(when, self._release_held)
+
+    def _release_held(self) -> None:
+        self._release_timer = None
+        held, self._held = self._held, []
+        for connection in held:
+            connection.release()
 
     def retire_if_silent(self, response: H2Response, seconds: float) -> bool:
         """Close the response's connection when nothing at all came in on it for `seconds`
@@ -376,6 +441,10 @@ class H2Pool:
         return sum(1 for c in self._connections if c.open)
 
     async def close(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._held = []
         for connection in self._connections:
             connection.close()
         self._connections = []
