@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 import struct
 import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from h2.config import H2Configuration
@@ -348,8 +349,11 @@ class FanoutServer:
         max_records_per_event: int = 1000,
         activate_after: int = 1,
         event_interval_seconds: float = 0.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.feed = feed
+        self.tls = tls
+        """Serve HTTP/2 over TLS (ALPN h2) with this context, as AWS does; None: cleartext."""
         self.heartbeat_seconds = heartbeat_seconds
         self.lifetime_seconds = lifetime_seconds
         self.max_records_per_event = max_records_per_event
@@ -368,11 +372,15 @@ class FanoutServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self) -> FanoutServer:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ServerConnection(self), "127.0.0.1", 0)
+        if self.tls is not None:
+            self.tls.set_alpn_protocols(["h2"])
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), "127.0.0.1", 0, ssl=self.tls
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -449,8 +457,8 @@ class _ServerConnection(asyncio.Protocol):
         self.windows: dict[int, asyncio.Event] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         self.server._protocols.add(self)
         self.h2.initiate_connection()
         self.flush()

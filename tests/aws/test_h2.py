@@ -5,12 +5,15 @@ connection carrying records reads at once."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiobotocore.credentials import AioCredentials
 
+from tests.aws.test_http1 import self_signed
 from tests.fanoutserver import FanoutServer, MemoryFeed
 from wildrydes_stream.aws import fanout
 from wildrydes_stream.aws.fanout import FanoutClient, Subscription
@@ -33,12 +36,14 @@ def distinct_moments(times: list[float], apart: float = 0.01) -> int:
     return moments
 
 
-async def subscribed(server: FanoutServer, grid: float) -> AsyncIterator[list[Subscription]]:
+async def subscribed(
+    server: FanoutServer, grid: float, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[list[Subscription]]:
     client = FanoutClient(
         server.url,
         "us-east-1",
         AioCredentials("test", "test"),
-        H2Pool(server.url, quiet_read_grid=grid),
+        H2Pool(server.url, ssl_context=tls, quiet_read_grid=grid),
     )
     subscriptions = [
         await client.subscribe(CONSUMER, f"shardId-{n:012d}", {"Type": "TRIM_HORIZON"})
@@ -65,10 +70,14 @@ async def arrivals(subscriptions: list[Subscription], seconds: float) -> list[fl
 
     tasks = [asyncio.create_task(read(s)) for s in subscriptions]
     await asyncio.sleep(seconds)
+    await stop(tasks)
+    return seen
+
+
+async def stop(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return seen
 
 
 @pytest.mark.parametrize("grid", [0.0, GRID], ids=["no grid", "grid"])
@@ -122,3 +131,58 @@ async def test_a_connection_carrying_records_reads_them_at_once(
     assert len(seen) >= 100, len(seen)
     moments = distinct_moments(seen)
     assert moments <= seconds / GRID + 2, moments
+
+
+async def tls_buffered_while_held(tmp_path: Path) -> tuple[int, list[list[int]]]:
+    """Over TLS, empty events every 30 ms on each subscription, read for 2 s: how many were
+    read, and for each time the connection was held the TLS transport's read buffer (bytes
+    taken off the socket, not yet handed on) sampled every 10 ms."""
+    cert, key = self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=cert)
+    loop = asyncio.get_running_loop()
+    events = 0
+    holds: list[list[int]] = []
+
+    async def read(subscription: Subscription) -> None:
+        nonlocal events
+        while True:
+            await subscription.next_event()
+            events += 1
+
+    feed = MemoryFeed(shards=SHARDS)
+    async with FanoutServer(feed, heartbeat_seconds=0.03, tls=served) as server:
+        async for subscriptions in subscribed(server, GRID, trusting):
+            connection = subscriptions[0].response._connection
+            transport: Any = connection._transport
+            tasks = [asyncio.create_task(read(s)) for s in subscriptions]
+            end = loop.time() + 2.0
+            by_slot: dict[int, list[int]] = {}
+            while loop.time() < end:
+                await asyncio.sleep(0.01)
+                now = loop.time()
+                # Between two grid points, leaving out the moments right after one (the
+                # release, the read of what waited, the hold again).
+                if connection.held and now % GRID > 0.05:
+                    by_slot.setdefault(int(now // GRID), []).append(
+                        transport.get_read_buffer_size()
+                    )
+            holds = list(by_slot.values())
+            await stop(tasks)
+    return events, holds
+
+
+async def test_a_held_tls_connection_leaves_its_socket_alone(tmp_path: Path) -> None:
+    events, holds = await tls_buffered_while_held(tmp_path)
+    assert events >= 100, events
+    samples = [size for hold in holds for size in hold]
+    assert len(samples) >= 20, holds  # held most of the time
+    # While held nothing more is taken off the socket (what was read before the hold stays
+    # in the buffer): the events wait in the kernel and wake nothing.
+    assert all(len(set(hold)) == 1 for hold in holds), holds
+
+
+def test_a_held_tls_connection_leaves_its_socket_alone_on_uvloop(tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(test_a_held_tls_connection_leaves_its_socket_alone(tmp_path))

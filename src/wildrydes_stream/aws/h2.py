@@ -159,6 +159,12 @@ class H2Response:
         self._wake()
 
 
+class _TlsTransport(typing.Protocol):
+    """What asyncio's and uvloop's TLS transports have beyond asyncio.Transport."""
+
+    def set_read_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, max_streams: int, hold: Callable[[_Connection], None] | None = None) -> None:
         self._h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -174,12 +180,15 @@ class _Connection(asyncio.Protocol):
         self._prompt_until = 0.0
         """Loop time until which reads are not held (data is flowing)."""
         self.held = False
+        self._tls: _TlsTransport | None = None
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = typing.cast(asyncio.Transport, transport)
+        if transport.get_extra_info("ssl_object") is not None:
+            self._tls = typing.cast(_TlsTransport, transport)
         self.open = True
         h2 = self._h2
         h2.local_settings.update(
@@ -213,6 +222,10 @@ class _Connection(asyncio.Protocol):
             and asyncio.get_running_loop().time() >= self._prompt_until
         ):
             transport.pause_reading()
+            if self._tls is not None:
+                # Paused, a TLS transport only stops handing data on: it still reads the
+                # socket into its buffer, a wake-up per record. A read limit of 0 stops that.
+                self._tls.set_read_buffer_limits(high=0)
             self.held = True
             self._hold(self)
 
@@ -226,6 +239,8 @@ class _Connection(asyncio.Protocol):
             self.held = False
             transport = self._transport
             if self.open and transport is not None and not transport.is_closing():
+                if self._tls is not None:
+                    self._tls.set_read_buffer_limits()  # the transport's defaults again
                 transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
