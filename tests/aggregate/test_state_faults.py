@@ -42,6 +42,12 @@ async def test_a_state_table_outage_through_a_split_blocks_checkpoints_never_the
         )
         # The state table refuses every write from here on: no checkpoint can be stored.
         dynamodb_proxy.fail(STATE_WRITE, DYNAMODB_INTERNAL, times=None)
+        # Readings the parent takes in from now on: its state then differs from any stored,
+        # so its SHARD_END too needs a state write (without them, a parent whose last
+        # checkpoint came after its last reading could store SHARD_END with none).
+        before_split = ride("Rocinante", range(60, 120), 5)
+        put += before_split
+        await put_records(kinesis, raw, before_split)
         await kinesis.split_shard(
             StreamName=raw, ShardToSplit=parent, NewStartingHashKey=str(MIDDLE)
         )
