@@ -162,6 +162,14 @@ class Settings:
         "Endpoint of SubscribeToShard (HTTP/2); empty means the Kinesis endpoint botocore "
         "resolves. For local servers and tests.",
     )
+    fanout_quiet_read_grid_seconds: float = _setting(
+        0.1,
+        "In `fanout` mode, a connection whose subscriptions brought no records for a second "
+        "reads only on a grid of this many seconds, so idle shards' empty events share "
+        "wake-ups; the first records after a quiet spell wait up to this long. 0: never held.",
+        minimum=0.0,
+        maximum=1.0,
+    )
     lease_poll_interval_seconds: float = _setting(
         1.0,
         "How often the lease table is read: released, expired and handed-over leases are "

@@ -18,7 +18,7 @@ from aiobotocore.credentials import AioCredentials
 
 from tests.fanoutserver import FanoutServer, MemoryFeed, Script
 from tests.helpers import Peak, holds, wait_for
-from wildrydes_stream.aws.fanout import QUIET_READ_GRID_SECONDS, FanoutClient
+from wildrydes_stream.aws.fanout import FanoutClient
 from wildrydes_stream.aws.h2 import STREAM_WINDOW, H2Pool
 from wildrydes_stream.config import Settings
 from wildrydes_stream.consumer.progress import ShardProgress
@@ -94,7 +94,7 @@ async def harness() -> AsyncIterator[Harness]:
     feed = MemoryFeed(shards=1)
     async with FanoutServer(feed, heartbeat_seconds=0.2) as server:
         # Connections read as the service's do: quiet ones on the grid.
-        pool = H2Pool(server.url, quiet_read_grid=QUIET_READ_GRID_SECONDS)
+        pool = H2Pool(server.url, quiet_read_grid=Settings().fanout_quiet_read_grid_seconds)
         client = FanoutClient(server.url, "us-east-1", AioCredentials("test", "test"), pool)
         settings = Settings(backoff_base_seconds=0.01, backoff_max_seconds=0.05)
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 
-from wildrydes_stream.aws.fanout import QUIET_READ_GRID_SECONDS, FanoutClient
+from wildrydes_stream.aws.fanout import FanoutClient
 from wildrydes_stream.aws.h2 import H2Pool
 from wildrydes_stream.aws.lean import DynamoDBData, KinesisData, _ssl_context
 from wildrydes_stream.errors import ConfigError
@@ -95,9 +95,10 @@ class AwsClients:
             self.dynamodb_data = await enter(DynamoDBData(self.dynamodb, credentials))
         return self
 
-    async def fanout(self, endpoint_url: str = "") -> FanoutClient:
+    async def fanout(self, endpoint_url: str = "", quiet_read_grid: float = 0.0) -> FanoutClient:
         """An HTTP/2 client for enhanced fan-out (SubscribeToShard and the consumer calls), to
-        `endpoint_url` or the Kinesis endpoint; closed with the other clients."""
+        `endpoint_url` or the Kinesis endpoint, quiet connections reading on a grid of
+        `quiet_read_grid` seconds (h2.py); closed with the other clients."""
         assert self._session is not None, "AwsClients used outside `async with`"
         url = endpoint_url or self.kinesis.meta.endpoint_url
         tls = _ssl_context(self.kinesis) if url.startswith("https:") else None
@@ -109,7 +110,7 @@ class AwsClients:
                 url,
                 ssl_context=tls if isinstance(tls, ssl.SSLContext) else None,
                 connect_timeout=DATA_PATH.connect_timeout,
-                quiet_read_grid=QUIET_READ_GRID_SECONDS,
+                quiet_read_grid=quiet_read_grid,
             ),
         )
         self._stack.push_async_callback(client.close)

@@ -31,13 +31,10 @@ TARGET_PREFIX: Final = "Kinesis_20131202"
 CONTENT_TYPE: Final = "application/x-amz-json-1.1"
 PRELUDE_LENGTH_BYTES: Final = 4
 """An event-stream message starts with its total length, a big-endian 32-bit integer."""
-QUIET_READ_GRID_SECONDS: Final = 0.05
-"""A connection whose subscriptions carried no records lately reads on this grid (see h2.py):
-256 idle shards' empty events then wake the loop at most 20 times a second instead of ~50,
-and the first records after a quiet spell wait at most this long."""
-PROMPT_AFTER_RECORDS_SECONDS: Final = 5.0
-"""After an event with records its connection reads at once for this long (AWS's empty events
-come every ~5 s), so a stream with records flowing is never held to the grid."""
+PROMPT_AFTER_RECORDS_SECONDS: Final = 1.0
+"""After an event with records its connection reads at once for this long, so records that
+keep coming are never held to the quiet grid (setting fanout_quiet_read_grid_seconds); a
+connection without records for this long reads on the grid again."""
 
 
 class FanoutClient:

@@ -259,7 +259,7 @@ class Consumer:
     async def _fanout(self, clients: AwsClients) -> Fanout:
         """read_mode `fanout`: the stream consumer, registered if missing and ACTIVE."""
         s = self.settings
-        client = await clients.fanout(s.fanout_endpoint_url)
+        client = await clients.fanout(s.fanout_endpoint_url, s.fanout_quiet_read_grid_seconds)
         stream = await stream_arn(clients.kinesis, s.stream_name)
         return Fanout(client, await active_consumer(client, stream, s.fanout_consumer_name))
 
