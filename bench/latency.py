@@ -17,11 +17,13 @@ GetRecords on kinesalite). Without records it sends an empty event every
 `FANOUT_HEARTBEAT_SECONDS` (5 s, as AWS does at least).
 
 A producer puts `--rate` records a second (ten PutRecords a second, every record a key of its
-own) and notes when each PutRecords returned. Records put before every shard has had one of
-its records written are the warm-up and not counted; then `--duration` seconds of records are
-measured, and the run waits (with a timeout) until each of them is written. A record's
-latency is the time its item was written minus the time its PutRecords returned; the figures
-are the 50th, 90th and 99th percentiles and the largest. Ends with one JSON line.
+own; below 10 a second one record a PutRecords, `1 / rate` seconds apart: a sparse stream, whose
+fan-out connection goes quiet between records) and notes when each PutRecords returned.
+Records put before every shard has had one of its records written are the warm-up and not
+counted; then `--duration` seconds of records are measured, and the run waits (with a timeout)
+until each of them is written. A record's latency is the time its item was written minus the
+time its PutRecords returned; the figures are the 50th, 90th and 99th percentiles and the
+largest. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class Latency:
 
 
 class Producer:
-    """`rate` records a second, ten PutRecords a second; when each was acknowledged."""
+    """`rate` records a second, ten PutRecords a second (below 10 a second, one record each);
+    when each was acknowledged."""
 
     def __init__(
         self, kinesis: Any, stream: str, rate: float, on_put: Callable[[], None] | None = None
@@ -102,6 +105,7 @@ class Producer:
         """Called as each PutRecords is acknowledged (the fan-out feed pushes then)."""
         self.stream = stream
         self.per_tick = max(1, round(rate / 10))
+        self.interval = 0.1 if rate >= 10 else 1 / rate
         self.keys: list[tuple[str, str]] = []
         """Item key of record n, in the order put."""
         self.acked: dict[tuple[str, str], float] = {}
@@ -125,7 +129,7 @@ class Producer:
                 self.keys.append(key)
                 self.acked[key] = now
                 self.shard_of[key] = result["ShardId"]
-            tick += 0.1
+            tick += self.interval
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
 
 
