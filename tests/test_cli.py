@@ -8,12 +8,15 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import Emulators
 from tests.process import PYTHON, bare_env, run_to_exit
+from wildrydes_stream.admin.provision import ensure_stream
 from wildrydes_stream.cli import main
+from wildrydes_stream.config import Settings
 
 CLEAN = ("WILDRYDES_", "TABLE_NAME")
 
@@ -154,6 +157,35 @@ async def test_an_endpoint_out_of_reach_is_exit_1_with_the_same_line_for_every_c
     [line] = stderr.splitlines()
     assert line.startswith(f"wildrydes-stream: cannot connect to {endpoint}/ "), line
     assert "AWS_ENDPOINT_URL" in line
+
+
+async def test_fanout_without_an_http2_endpoint_is_exit_1_with_one_line(
+    tmp_path: Path, emulators: Emulators, settings: Settings, kinesis: Any
+) -> None:
+    # kinesalite has no SubscribeToShard: it resets an HTTP/2 connection (the embedded
+    # backend of `local` is kinesalite too).
+    await ensure_stream(kinesis, settings.stream_name, 1)
+    env = _no_aws_files(
+        tmp_path,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        **_endpoints(emulators),
+        WILDRYDES_STREAM_NAME=settings.stream_name,
+        WILDRYDES_TABLE_NAME=settings.table_name,
+        WILDRYDES_LEASE_TABLE_NAME=settings.lease_table_name,
+        WILDRYDES_READ_MODE="fanout",
+    )
+
+    code, stdout, stderr = await run_to_exit(env, "run", timeout=60)
+
+    assert (code, stdout) == (1, ""), stderr
+    line = stderr.splitlines()[-1]
+    assert line.startswith(
+        f"wildrydes-stream: cannot reach SubscribeToShard at {emulators.kinesis.endpoint}/ "
+        "over HTTP/2 ("
+    ), line
+    assert "Traceback" not in stderr
 
 
 def _endpoints(emulators: Emulators) -> dict[str, str]:

@@ -261,7 +261,15 @@ class Consumer:
         s = self.settings
         client = await clients.fanout(s.fanout_endpoint_url, s.fanout_quiet_read_grid_seconds)
         stream = await stream_arn(clients.kinesis, s.stream_name)
-        return Fanout(client, await active_consumer(client, stream, s.fanout_consumer_name))
+        try:
+            arn = await active_consumer(client, stream, s.fanout_consumer_name)
+        except OSError as exc:  # refused, reset (no HTTP/2 there), unreachable
+            raise WildrydesError(
+                f"cannot reach SubscribeToShard at {client.url} over HTTP/2 ({exc}): "
+                "read_mode fanout needs an endpoint that speaks it (AWS, kinesis-local; "
+                "fanout_endpoint_url); the embedded backend of `local` has none, use polling"
+            ) from exc
+        return Fanout(client, arn)
 
     def _fail(self, exc: BaseException) -> None:
         """A stage died of an unexpected error: stop, and exit non-zero."""
