@@ -121,8 +121,7 @@ class OwnedShards:
         self._settle = settle
         """Waits until what the sink holds is out (a hand-off's last checkpoint follows)."""
         self._retry_log = RetryLog(log)
-        self._lease_duration = reading.settings.lease_duration_seconds
-        self._watch_grid = self._lease_duration / 20
+        self._watch_grid = reading.settings.lease_duration_seconds / 20
         self.checkpointer = Checkpointer(
             leases, store, reading.metrics, reading.blocked, self._backoff
         )
@@ -269,18 +268,20 @@ class OwnedShards:
         leases renewed in one round (confirmed a few milliseconds apart) then fall due
         together, one wake-up of the loop for them all instead of one a lease, which with
         hundreds of idle shards was a wake-up every few milliseconds. Early is the safe side."""
-        grid = self._watch_grid
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + owned.lease.confirmed_at + self._lease_duration - time.monotonic()
-        owned.watchdog = loop.call_at(due_on_grid(deadline, grid), self._expire, owned)
+        deadline = due_on_grid(loop.time() + self._lease_left(owned), self._watch_grid)
+        owned.watchdog = loop.call_at(deadline, self._expire, owned)
+
+    def _lease_left(self, owned: OwnedShard) -> float:
+        """Seconds until other workers may take the lease (from our last confirmed write)."""
+        return owned.lease.confirmed_at + self._settings.lease_duration_seconds - time.monotonic()
 
     def _expire(self, owned: OwnedShard) -> None:
         if self.by_id.get(owned.shard_id) is not owned:
             return
         if owned.handing_off:
             return  # the hand-off is bounded by itself
-        left = owned.lease.confirmed_at + self._lease_duration - time.monotonic()
-        if left >= self._watch_grid:
+        if self._lease_left(owned) >= self._watch_grid:
             self._watch(owned)  # renewed since the watchdog was armed
             return
         self.drop(owned, "lease not renewed for lease_duration_seconds")
